@@ -1,0 +1,31 @@
+# Every target sets itself up: the first run creates .venv and installs; later runs reuse it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: export test bench setup clean train-default
+
+export: $(STAMP)
+	$(BIN)/mobilellm-export --target all --bits 4 --output dist/
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: $(STAMP)
+	$(BIN)/python -m mobilellm.exporter.bench --output bench-results/
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Re-train the embedded default model (about 20 minutes on 2 cores); see recipes/train_default_model.py.
+train-default: $(STAMP)
+	$(BIN)/python recipes/train_default_model.py
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info bench-results

@@ -1,0 +1,13 @@
+"""Files shipped inside the package: the embedded default model and the held-out text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS_DIR / "default_model"
+HELDOUT_TEXT = ASSETS_DIR / "heldout.txt"
+
+
+def heldout_text() -> str:
+    return HELDOUT_TEXT.read_text()

@@ -1,0 +1,34 @@
+"""`mobilellm-export inspect`: a human-readable description of a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .assets import DEFAULT_MODEL_DIR
+from .checkpoint import load_checkpoint
+from .memory import estimate_memory, human
+
+
+def describe(checkpoint: Path | None, config: str | None = None, max_seq_len: int = 512) -> str:
+    ckpt = load_checkpoint(checkpoint or DEFAULT_MODEL_DIR, config)
+    cfg = ckpt.config
+    sched = cfg.schedule()
+    preview = ",".join(map(str, sched[:8])) + (",..." if len(sched) > 8 else "")
+    unique = sum(p.numel() for p in ckpt.model.parameters())
+    lines = [
+        f"checkpoint      {ckpt.source} ({ckpt.source_format}, {ckpt.source_dtype})",
+        f"architecture    dim {cfg.dim}, {cfg.n_layers} stored blocks, {cfg.n_applied} applied, "
+        f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv heads (head_dim {cfg.head_dim}), ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}",
+        f"layer sharing   {cfg.sharing} (block order {preview})",
+        f"embedding       {'shared with output projection' if cfg.share_embedding else 'separate lm_head'}",
+        f"rope / norm     theta {cfg.rope_theta:g}, rms eps {cfg.norm_eps:g}, max context {cfg.max_context}",
+        f"parameters      {unique:,} unique, {cfg.applied_params():,} applied (as an unrolled, untied model)",
+        f"tokenizer       {ckpt.tokenizer_path or 'none found (pass --tokenizer when exporting)'}",
+        f"memory estimate weights stored once + KV cache (fp16) at {max_seq_len} tokens:",
+    ]
+    for bits in (4, 8, 16):
+        est = estimate_memory(cfg, bits, context=max_seq_len, embedding_bits=16 if bits == 16 else 8)
+        lines.append(
+            f"  {bits:>2}-bit        weights {human(est.weight_bytes)}, KV cache {human(est.kv_cache_bytes)}, total {human(est.total_bytes)}"
+        )
+    return "\n".join(lines)

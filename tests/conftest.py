@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny configs, random models and checkpoints written in the formats users hold."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobilellm.exporter.config import ModelConfig
+from mobilellm.exporter.model import MobileLLM
+
+torch.set_num_threads(max(1, int(os.environ.get("TEST_THREADS", "1"))))
+
+TINY = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=160, max_context=128)
+
+
+def tiny_config(**changes: object) -> ModelConfig:
+    return TINY.replace(**changes)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> MobileLLM:
+    """A randomly initialised model whose norms are not all ones (so their gains matter)."""
+    torch.manual_seed(seed)
+    model = MobileLLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.08)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def tiny_model() -> MobileLLM:
+    return random_model(TINY)
+
+
+@pytest.fixture(params=["none", "immediate", "repeat_all", "reverse"])
+def sharing(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, TINY.vocab_size, (1, 12), generator=g)
+
+
+def default_model_dir() -> Path:
+    from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
+
+    return DEFAULT_MODEL_DIR
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the real console entry point in-process; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from mobilellm.exporter.cli import main
+
+    old = sys.argv
+    sys.argv = ["mobilellm-export", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
