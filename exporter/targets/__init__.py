@@ -1,23 +1,29 @@
-"""Export targets: siblings behind one small interface, looked up by name.
+"""Export targets: siblings behind one small interface (`base.py`), looked up by name.
 
-A target module exposes `export(model, options, out_dir) -> TargetResult`; adding a target means
-adding a module and one line to `_MODULES`, nothing else.
+Adding a target means adding its module and one line to `_MODULES`; no other target changes.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import importlib.util
 
 from ..errors import UserError
+from .base import ExportedArtifact, TargetModule, TargetOptions, TargetRuntime
 
-TARGET_NAMES: tuple[str, ...] = ("executorch", "coreml", "onnx")
-_MODULES: dict[str, str] = {}  # name -> module, filled in as targets land
+__all__ = ["TARGET_NAMES", "ExportedArtifact", "TargetModule", "TargetOptions", "TargetRuntime", "load_target", "available_targets"]
+
+_MODULES: dict[str, str] = {"executorch": ".executorch", "coreml": ".coreml", "onnx": ".onnx"}
+TARGET_NAMES: tuple[str, ...] = tuple(_MODULES)
 
 
-def load_target(name: str) -> ModuleType:
-    if name not in TARGET_NAMES:
-        raise UserError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)} or all")
+def available_targets() -> list[str]:
+    return [name for name, mod in _MODULES.items() if importlib.util.find_spec(mod, __name__) is not None]
+
+
+def load_target(name: str) -> TargetModule:
     if name not in _MODULES:
-        raise UserError(f"the {name} target is not available in this version yet; choose one of: {', '.join(_MODULES) or 'none yet'}")
-    return importlib.import_module(_MODULES[name], __name__)
+        raise UserError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)} or all")
+    if name not in available_targets():
+        raise UserError(f"the {name} target is not available in this version yet; available: {', '.join(available_targets()) or 'none'}")
+    return importlib.import_module(_MODULES[name], __name__)  # type: ignore[return-value]

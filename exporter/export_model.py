@@ -1,0 +1,229 @@
+"""The export-ready module every target lowers: fused, unrolled, weight-aliased, static KV cache.
+
+- Fusion: Q/K/V in one linear and gate/up in one linear, built by a load hook from the checkpoint's
+  separate projections (gpt-fast style); RMSNorm as one function; attention through
+  `scaled_dot_product_attention`.
+- Layer sharing: `forward` is straight-line code over the schedule (e.g. 0,0,1,1,... for immediate
+  sharing). Each application calls the *same* block module, so every shared weight is one
+  parameter (one storage) in the module and one placeholder in an exported graph, while each
+  application owns its own KV-cache buffers.
+- Static KV cache: `[1, n_kv_heads, max_seq_len, head_dim]` buffers updated in place at
+  `input_pos`, so prefill (dynamic length) and decode are the same program.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .errors import UserError
+from .model import MobileLLM, apply_rope, rope_tables
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    max_seq_len: int = 512
+    fuse: bool = True  # fused QKV and gate/up linears
+    fold_norm_gains: bool = False  # fold RMSNorm gains into the following linear (exact in real arithmetic)
+    gqa: str = "repeat"  # "repeat": repeat K/V heads; "sdpa": let SDPA broadcast (enable_gqa), no copy
+    dtype: torch.dtype = torch.float32
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """The one RMSNorm every target sees; kept in this exact form so backends can pattern-match it."""
+    x32 = x.float()
+    out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out if weight is None else out * weight
+
+
+KVUpdate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class StaticKVCache(nn.Module):
+    """One block application's cache, updated in place at the current position."""
+
+    def __init__(self, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (1, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, start: int | torch.SymInt, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        seqlen = k.shape[2]
+        self.k_cache.narrow(2, start, seqlen).copy_(k)
+        self.v_cache.narrow(2, start, seqlen).copy_(v)
+        return self.k_cache, self.v_cache
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+
+class ExportBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, settings: ExportSettings) -> None:
+        super().__init__()
+        self.cfg, self.settings = cfg, settings
+        d, kv, ffn = cfg.dim, cfg.kv_dim, cfg.ffn_dim
+        if settings.fuse:
+            self.wqkv = nn.Linear(d, d + 2 * kv, bias=False)
+            self.w13 = nn.Linear(d, 2 * ffn, bias=False)
+        else:
+            self.wq, self.wk, self.wv = (nn.Linear(d, n, bias=False) for n in (d, kv, kv))
+            self.w1, self.w3 = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+        self.w2 = nn.Linear(ffn, d, bias=False)
+        folded = settings.fold_norm_gains
+        self.attention_norm = None if folded else nn.Parameter(torch.ones(d))
+        self.ffn_norm = None if folded else nn.Parameter(torch.ones(d))
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.settings.fuse:
+            return self.wqkv(x).split([self.cfg.dim, self.cfg.kv_dim, self.cfg.kv_dim], dim=-1)
+        return self.wq(x), self.wk(x), self.wv(x)
+
+    def gate_up(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.settings.fuse:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return gate, up
+        return self.w1(x), self.w3(x)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv_update: KVUpdate) -> Tensor:
+        cfg = self.cfg
+        bsz, seqlen, _ = x.shape
+        q, k, v = self.qkv(rms_norm(x, self.attention_norm, cfg.norm_eps))
+        q = q.view(bsz, seqlen, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(bsz, seqlen, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = kv_update(k, v)
+        rep = cfg.n_heads // cfg.n_kv_heads
+        if self.settings.gqa == "sdpa" and rep > 1:
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        else:
+            if rep > 1:
+                keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        h = x + self.wo(attn.transpose(1, 2).reshape(bsz, seqlen, cfg.dim))
+        gate, up = self.gate_up(rms_norm(h, self.ffn_norm, cfg.norm_eps))
+        return h + self.w2(F.silu(gate) * up)
+
+
+class ExportModel(nn.Module):
+    """`forward(tokens [1, S], input_pos [1]) -> logits [1, S, vocab]` over a static KV cache."""
+
+    def __init__(self, cfg: ModelConfig, settings: ExportSettings) -> None:
+        super().__init__()
+        if not 1 <= settings.max_seq_len <= cfg.max_context:
+            raise UserError(f"--max-seq-len must be between 1 and the model's max context {cfg.max_context}, got {settings.max_seq_len}")
+        self.config, self.settings = cfg, settings
+        self.schedule = cfg.schedule()
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(ExportBlock(cfg, settings) for _ in range(cfg.n_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.dim))
+        # With a shared embedding the output projection reads tok_embeddings.weight directly, so
+        # the table is one parameter and one graph placeholder; targets decide how to store it.
+        self.output = None if cfg.share_embedding else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.caches = nn.ModuleList(
+            StaticKVCache(cfg.n_kv_heads, settings.max_seq_len, cfg.head_dim, settings.dtype) for _ in self.schedule
+        )
+        cos, sin = rope_tables(cfg.head_dim, settings.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos.to(settings.dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(settings.dtype), persistent=False)
+        causal = torch.ones(settings.max_seq_len, settings.max_seq_len, dtype=torch.bool).tril()
+        self.register_buffer("causal_mask", causal, persistent=False)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_reference(cls, ref: MobileLLM, settings: ExportSettings) -> "ExportModel":
+        model = cls(ref.config, settings)
+        model.load_reference_state(ref)
+        return model.to(settings.dtype).eval().requires_grad_(False)
+
+    def load_reference_state(self, ref: MobileLLM) -> None:
+        """Map checkpoint tensors onto this module, fusing on the way; unfused weights are aliased, not copied."""
+        cfg, fold = self.config, self.settings.fold_norm_gains
+        self.tok_embeddings.weight = ref.embed_tokens.weight
+        if self.output is not None:
+            self.output.weight = ref.lm_head.weight
+        self.norm = ref.norm.weight
+        for block, layer in zip(self.blocks, ref.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            g_attn, g_ffn = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+
+            def prep(w: Tensor, gain: Tensor) -> Tensor:
+                return w * gain if fold else w
+
+            if self.settings.fuse:
+                qkv = torch.cat([prep(attn.q_proj.weight, g_attn), prep(attn.k_proj.weight, g_attn), prep(attn.v_proj.weight, g_attn)])
+                block.wqkv.weight = nn.Parameter(qkv, requires_grad=False)
+                block.w13.weight = nn.Parameter(torch.cat([prep(mlp.gate_proj.weight, g_ffn), prep(mlp.up_proj.weight, g_ffn)]), requires_grad=False)
+            else:
+                for dst, src in ((block.wq, attn.q_proj), (block.wk, attn.k_proj), (block.wv, attn.v_proj)):
+                    dst.weight = src.weight if not fold else nn.Parameter(prep(src.weight, g_attn), requires_grad=False)
+                for dst, src in ((block.w1, mlp.gate_proj), (block.w3, mlp.up_proj)):
+                    dst.weight = src.weight if not fold else nn.Parameter(prep(src.weight, g_ffn), requires_grad=False)
+            block.wo.weight, block.w2.weight = attn.o_proj.weight, mlp.down_proj.weight
+            if not fold:
+                block.attention_norm, block.ffn_norm = g_attn, g_ffn
+
+    # ---------------------------------------------------------------- running
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        seqlen = tokens.shape[1]
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + seqlen <= self.settings.max_seq_len)
+        cos = self.rope_cos.narrow(0, start, seqlen)
+        sin = self.rope_sin.narrow(0, start, seqlen)
+        mask = self.causal_mask.narrow(0, start, seqlen)
+        h = self.tok_embeddings(tokens)
+        # Straight-line unrolled schedule: the same block module (same weights) per application,
+        # a distinct cache per application.
+        for block_index, cache in zip(self.schedule, self.caches):
+            h = self.blocks[block_index](h, cos, sin, mask, lambda k, v, c=cache: c.update(start, k, v))
+        return self.project(rms_norm(h, self.norm, self.config.norm_eps))
+
+    def project(self, h: Tensor) -> Tensor:
+        """Output projection; with a shared embedding, the embedding table itself."""
+        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+
+    def reset_cache(self) -> None:
+        for cache in self.caches:
+            cache.reset()
+
+    def example_inputs(self, seqlen: int = 2) -> tuple[Tensor, Tensor]:
+        return torch.zeros(1, seqlen, dtype=torch.long), torch.tensor([0], dtype=torch.long)
+
+    def dynamic_shapes(self) -> tuple[dict[int, torch.export.Dim], None]:
+        # max_seq_len - 1: at exactly max_seq_len the narrows become whole-tensor views and export
+        # specializes on it (as ExecuTorch's own llama export does); a full-context prefill leaves no
+        # room to generate anyway.
+        seq = torch.export.Dim("seq_len", min=1, max=self.settings.max_seq_len - 1)
+        return {1: seq}, None
+
+    def export(self, strict: bool = False) -> torch.export.ExportedProgram:
+        # Prefill length is dynamic (1..max_seq_len-1); decode is the S=1 case of the same program.
+        with torch.no_grad():
+            return torch.export.export(self, self.example_inputs(), dynamic_shapes=self.dynamic_shapes(), strict=strict)
+
+
+def unique_storages(module: nn.Module) -> dict[int, int]:
+    """data_ptr -> bytes for every distinct parameter storage the module holds."""
+    seen: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    return seen
+
+
+@torch.no_grad()
+def run_sequence(model: ExportModel, tokens: Tensor, prefill: int) -> Tensor:
+    """Prefill `tokens[:, :prefill]`, then decode the rest one token at a time; logits for every position."""
+    model.reset_cache()
+    outs = [model(tokens[:, :prefill], torch.tensor([0]))]
+    for pos in range(prefill, tokens.shape[1]):
+        outs.append(model(tokens[:, pos : pos + 1], torch.tensor([pos])))
+    return torch.cat(outs, dim=1)
