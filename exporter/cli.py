@@ -55,6 +55,10 @@ def export(
     max_seq_len: int = typer.Option(512, "--max-seq-len", help="KV-cache length of the exported model (up to the config's max context)."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep Q/K/V and gate/up projections separate (debugging)."),
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity run after export."),
+    threshold: Optional[list[str]] = typer.Option(
+        None, "--threshold", help="Override a parity threshold, e.g. reference.top1_agreement=0.9 (repeatable)."
+    ),
+    name: Optional[str] = typer.Option(None, "--name", help="Bundle name prefix (default: the checkpoint's folder name)."),
 ) -> None:
     """Export a checkpoint (the default command)."""
     if ctx.invoked_subcommand is not None:
@@ -73,8 +77,23 @@ def export(
         fuse=not no_fuse,
         parity=not no_parity,
         output=output,
+        thresholds=parse_thresholds(threshold),
+        name=name,
     )
     run_export(options)
+
+
+def parse_thresholds(items: Optional[list[str]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--threshold {item!r}: expected <reference|twin>.<metric>=<number>, e.g. twin.top1_agreement=0.99") from None
+    return out
 
 
 def _expand_target(name: str) -> list[str]:
@@ -88,11 +107,60 @@ def inspect(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint to describe (default: the embedded model)."),
     config: Optional[str] = typer.Option(None, "--config", help="Preset or config.json for a bare .pt/.pth."),
     max_seq_len: int = typer.Option(512, "--max-seq-len", help="Context used for the KV-cache estimate."),
+    no_ops: bool = typer.Option(False, "--no-ops", help="Skip the export-graph operator counts (they need a torch.export run)."),
 ) -> None:
-    """Describe a checkpoint: architecture, parameters, sharing, tokenizer, memory at 4/8/16 bits."""
+    """Describe a checkpoint: architecture, parameters, sharing, tokenizer, memory, export-graph op counts."""
     from .inspect import describe
 
-    typer.echo(describe(checkpoint, config, max_seq_len))
+    typer.echo(describe(checkpoint, config, max_seq_len, ops=not no_ops))
+
+
+@app.command()
+def validate(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by an export."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Recompute the reference outputs from these weights instead of the bundle's golden data."),
+    config: Optional[str] = typer.Option(None, "--config", help="Preset or config.json for a bare .pt/.pth checkpoint."),
+    threshold: Optional[list[str]] = typer.Option(None, "--threshold", help="Override a threshold, e.g. twin.top1_agreement=0.995 (repeatable)."),
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where parity.json/.md/.junit.xml go (default: the bundle)."),
+) -> None:
+    """Re-run the parity check on a bundle; exit 0 pass, 1 parity failed, 2 bad input."""
+    from mobilellm.validation.validate import validate_bundle
+    from mobilellm.validation.reports import markdown
+
+    result, report = validate_bundle(bundle, checkpoint, parse_thresholds(threshold), report_dir, config)
+    typer.echo(markdown(report))
+    if not result.passed:
+        raise ParityError("; ".join(result.failures()))
+
+
+@app.command()
+def bench(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by an export."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads for the runtime."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Prefill length."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", help="Tokens decoded after the prefill."),
+) -> None:
+    """Load time, prefill/decode tokens/s, peak RSS and size of one bundle (run in a fresh process)."""
+    import json
+
+    from .bench import bench_bundle_subprocess
+
+    typer.echo(json.dumps(bench_bundle_subprocess(bundle, threads, prompt_tokens, decode_tokens), indent=2))
+
+
+@app.command("random-checkpoint")
+def random_checkpoint(
+    preset_name: str = typer.Argument(..., metavar="PRESET", help="125M, 350M, 600M, 1B, 1.5B, or one of those with -LS."),
+    output: Path = typer.Argument(..., help="Directory to write (Hugging Face MobileLLM format)."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16, bfloat16 or float32."),
+    seed: int = typer.Option(0, "--seed"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Override the stored block count (smaller test models)."),
+) -> None:
+    """Write a randomly initialised checkpoint of a preset, for benchmarks and tests of real sizes."""
+    from .random_checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint(preset_name, output, dtype, seed, layers)
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:

@@ -227,3 +227,16 @@ def run_sequence(model: ExportModel, tokens: Tensor, prefill: int) -> Tensor:
     for pos in range(prefill, tokens.shape[1]):
         outs.append(model(tokens[:, pos : pos + 1], torch.tensor([pos])))
     return torch.cat(outs, dim=1)
+
+
+def graph_op_counts(model: ExportModel) -> dict[str, int]:
+    """Operator counts of the exported graph: total call sites and the ones fusion changes."""
+    graph = model.export().graph
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    names = [getattr(n.target, "__name__", str(n.target)) for n in calls]
+    return {
+        "total": len(calls),
+        "linear": sum(name.startswith("linear") for name in names),
+        "sdpa": sum("scaled_dot_product_attention" in name for name in names),
+        "placeholders": sum(n.op == "placeholder" for n in graph.nodes),
+    }

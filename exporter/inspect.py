@@ -6,12 +6,14 @@ from pathlib import Path
 
 from .assets import DEFAULT_MODEL_DIR
 from .checkpoint import load_checkpoint
+from .export_model import ExportModel, ExportSettings, graph_op_counts
 from .memory import estimate_memory, human
 
 
-def describe(checkpoint: Path | None, config: str | None = None, max_seq_len: int = 512) -> str:
+def describe(checkpoint: Path | None, config: str | None = None, max_seq_len: int = 512, ops: bool = True) -> str:
     ckpt = load_checkpoint(checkpoint or DEFAULT_MODEL_DIR, config)
     cfg = ckpt.config
+    max_seq_len = min(max_seq_len, cfg.max_context)
     sched = cfg.schedule()
     preview = ",".join(map(str, sched[:8])) + (",..." if len(sched) > 8 else "")
     unique = sum(p.numel() for p in ckpt.model.parameters())
@@ -31,4 +33,13 @@ def describe(checkpoint: Path | None, config: str | None = None, max_seq_len: in
         lines.append(
             f"  {bits:>2}-bit        weights {human(est.weight_bytes)}, KV cache {human(est.kv_cache_bytes)}, total {human(est.total_bytes)}"
         )
+    if ops:
+        lines.append("export graph    operator counts (torch.export, fused vs --no-fuse):")
+        for fuse in (True, False):
+            model = ExportModel.from_reference(ckpt.model, ExportSettings(max_seq_len=min(32, cfg.max_context), fuse=fuse))
+            counts = graph_op_counts(model)
+            lines.append(
+                f"  {'fused' if fuse else 'unfused':<13} {counts['total']} ops, {counts['linear']} linear, {counts['sdpa']} sdpa, "
+                f"{counts['placeholders']} inputs (weights + caches + tokens)"
+            )
     return "\n".join(lines)

@@ -1,13 +1,24 @@
-"""The export pipeline: checkpoint -> reference -> export model -> quantize -> lower -> bundle -> validate."""
+"""The export pipeline: checkpoint -> reference -> export model -> quantize/lower per target -> bundle -> validate."""
 
 from __future__ import annotations
 
+import re
+import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .assets import DEFAULT_MODEL_DIR
-from .checkpoint import load_checkpoint
-from .targets import load_target
+from .assets import DEFAULT_MODEL_DIR, heldout_text
+from .bundle import MANIFEST, MANIFEST_SCHEMA_VERSION, file_entries, staged_dir, tool_versions, write_json
+from .checkpoint import Checkpoint, load_checkpoint
+from .errors import ParityError, UserError
+from .export_model import ExportModel, ExportSettings
+from .memory import human
+from .quantize import fake_quantized_twin
+from .targets import TargetModule, TargetOptions, load_target
+from .tokenizer import load_tokenizer, parity_tokens
 
 
 @dataclass
@@ -23,9 +34,137 @@ class ExportOptions:
     fuse: bool = True
     parity: bool = True
     output: Path = Path("dist")
+    thresholds: dict[str, float] = field(default_factory=dict)
+    name: str | None = None
 
 
-def run_export(options: ExportOptions) -> None:
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bundle_name(options: ExportOptions, ckpt: Checkpoint, target: str) -> str:
+    base = options.name or ("default" if options.checkpoint is None else (ckpt.source.stem if ckpt.source.is_file() else ckpt.source.name))
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "model"
+    return f"{base}-{target}-{options.bits}bit"
+
+
+def check_group_size(ckpt: Checkpoint, opts: TargetOptions) -> None:
+    cfg = ckpt.config
+    if opts.group_size <= 0:
+        raise UserError(f"--group-size must be positive, got {opts.group_size}")
+    if opts.bits == 4 or opts.resolved_embedding_bits() == 4:
+        for what, width in (("hidden size", cfg.dim), ("ffn width", cfg.ffn_dim)):
+            if width % opts.group_size:
+                raise UserError(
+                    f"--group-size {opts.group_size} does not divide the {what} {width}; every int4 layer needs it "
+                    f"(try {_divisor_hint(cfg.dim, cfg.ffn_dim)})"
+                )
+
+
+def _divisor_hint(*widths: int) -> str:
+    from math import gcd
+
+    g = 0
+    for w in widths:
+        g = gcd(g, w)
+    return " or ".join(str(d) for d in (128, 64, 32, 16) if g % d == 0) or str(g)
+
+
+def manifest_for(name: str, module: TargetModule, ckpt: Checkpoint, opts: TargetOptions, artifact: Any, files: dict[str, Any],
+                 parity: dict[str, Any] | None, tokenizer_name: str | None) -> dict[str, Any]:
+    cfg = ckpt.config
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "name": name,
+        "target": module.NAME,
+        "artifact": artifact.files[0],
+        "artifacts": artifact.files,
+        "tokenizer": tokenizer_name,
+        "bits": opts.bits,
+        "embedding_bits": opts.resolved_embedding_bits(),
+        "group_size": opts.group_size,
+        "max_context": opts.max_seq_len,
+        "vocab_size": cfg.vocab_size,
+        "bos_id": cfg.bos_id,
+        "eos_ids": [cfg.eos_id],
+        "model": {
+            "dim": cfg.dim, "n_layers": cfg.n_layers, "n_applied": cfg.n_applied, "n_heads": cfg.n_heads,
+            "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim, "vocab_size": cfg.vocab_size,
+            "layer_sharing": cfg.sharing, "share_embedding": cfg.share_embedding, "rope_theta": cfg.rope_theta,
+            "norm_eps": cfg.norm_eps, "unique_params": cfg.unique_params(),
+        },
+        "source": {"checkpoint": ckpt.source.name, "format": ckpt.source_format, "dtype": ckpt.source_dtype},
+        "io": artifact.io,
+        "target_info": artifact.info,
+        "files": files,
+        "tool": tool_versions(),
+        "parity": parity,
+    }
+
+
+def run_export(options: ExportOptions) -> list[Path]:
+    from mobilellm.validation.parity import GOLDEN_FILE, ReferenceRuntime, compute_golden, resolve_thresholds, run_parity
+    from mobilellm.validation.reports import report_dict, write_reports
+    from mobilellm.validation.sequences import TorchRuntime
+
     modules = [load_target(name) for name in options.targets]  # fail fast, before any work
-    load_checkpoint(options.checkpoint or DEFAULT_MODEL_DIR, options.config, options.tokenizer)
-    del modules
+    thresholds = resolve_thresholds(options.bits, options.thresholds)
+    ckpt = load_checkpoint(options.checkpoint or DEFAULT_MODEL_DIR, options.config, options.tokenizer)
+    if ckpt.tokenizer_path is None:
+        raise UserError(f"{ckpt.source}: no tokenizer.model or tokenizer.json beside the checkpoint; pass --tokenizer PATH")
+    opts = TargetOptions(options.bits, options.group_size, options.embedding_bits, options.max_seq_len, options.fuse)
+    settings = ExportSettings(max_seq_len=options.max_seq_len, fuse=options.fuse)
+    check_group_size(ckpt, opts)
+    ExportModel(ckpt.config, settings)  # validates --max-seq-len before any target work
+    tokens = parity_tokens(load_tokenizer(ckpt.tokenizer_path), heldout_text(), 512, ckpt.config.vocab_size, ckpt.config.bos_id)
+    reference = ReferenceRuntime(ckpt.model)
+
+    written: list[Path] = []
+    failed: list[str] = []
+    for module in modules:
+        name = bundle_name(options, ckpt, module.NAME)
+        final = options.output / name
+        t0 = time.time()
+        log(f"[{module.NAME}] exporting {ckpt.source.name} at {opts.bits} bits ...")
+        with staged_dir(final) as tmp:
+            model = ExportModel.from_reference(ckpt.model, settings)
+            artifact = module.export(model, ckpt, opts, tmp)
+            export_seconds = time.time() - t0
+            tok_name = ckpt.tokenizer_path.name
+            shutil.copy(ckpt.tokenizer_path, tmp / tok_name)
+            parity_summary = None
+            if options.parity:
+                twin_fn = getattr(module, "twin", None)
+                twin = twin_fn(model, opts) if twin_fn else fake_quantized_twin(model, module.quant_scheme(opts))
+                log(f"[{module.NAME}] computing reference and twin outputs ...")
+                golden = compute_golden({"reference": reference, "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len)
+                golden.save(tmp / GOLDEN_FILE)
+            files = file_entries(tmp, [*artifact.files, tok_name] + ([GOLDEN_FILE] if options.parity else []))
+            manifest = manifest_for(name, module, ckpt, opts, artifact, files, None, tok_name)
+            write_json(tmp / MANIFEST, manifest)
+            if options.parity:
+                runtime = module.open_runtime(tmp, manifest)
+                result = run_parity(runtime, golden, thresholds, lambda m: log(f"[{module.NAME}] parity: {m}"))
+                report = report_dict(result, {"bundle": name, "target": module.NAME, "bits": opts.bits,
+                                              "embedding_bits": opts.resolved_embedding_bits()}, thresholds)
+                write_reports(report, tmp)
+                parity_summary = {"passed": result.passed, "report": "parity.json",
+                                  "top1_vs_reference": result.overall["reference"]["top1_agreement"],
+                                  "top1_vs_twin": result.overall["twin"]["top1_agreement"],
+                                  "ppl_delta_vs_reference": result.perplexity["delta_vs_reference"],
+                                  "failures": result.failures()}
+                manifest["parity"] = parity_summary
+                write_json(tmp / MANIFEST, manifest)
+        written.append(final)
+        size = sum(e["bytes"] for n, e in files.items() if n.startswith(artifact.files[0]))
+        status = "skipped" if parity_summary is None else ("PASS" if parity_summary["passed"] else "FAIL")
+        detail = ""
+        if parity_summary:
+            detail = (f" (top-1 vs reference {parity_summary['top1_vs_reference'] * 100:.1f}%, vs twin {parity_summary['top1_vs_twin'] * 100:.1f}%, "
+                      f"perplexity {parity_summary['ppl_delta_vs_reference'] * 100:+.2f}%)")
+        print(f"{module.NAME:<10} {final}  {artifact.files[0]} {human(size)}  exported in {export_seconds:.1f}s  parity {status}{detail}")
+        if parity_summary and not parity_summary["passed"]:
+            failed.append(f"{module.NAME}: " + "; ".join(parity_summary["failures"][:3]))
+    if failed:
+        raise ParityError(" | ".join(failed) + " (see parity.md in the bundle)")
+    return written

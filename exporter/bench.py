@@ -1,0 +1,207 @@
+"""Benchmarks: `mobilellm-export bench BUNDLE` and `make bench` (real sizes, every target, ratios vs eager PyTorch).
+
+Each measurement runs in a fresh Python process so load time and peak RSS are the runtime's own,
+not what earlier work left in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_RSS_UNIT = 1024 if sys.platform != "darwin" else 1  # ru_maxrss: KiB on Linux, bytes on macOS
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return _peak_rss()
+
+
+def _time_decode(runtime: Any, prompt: np.ndarray, decode_tokens: int) -> dict[str, float]:
+    runtime.reset()
+    t0 = time.perf_counter()
+    logits = runtime.forward(prompt, 0)
+    prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for i in range(decode_tokens):
+        nxt = np.asarray([int(np.argmax(logits[-1]))], dtype=np.int64)
+        logits = runtime.forward(nxt, len(prompt) + i)
+    decode_s = time.perf_counter() - t1
+    return {"prefill_tokens_per_s": len(prompt) / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s,
+            "prefill_s": prefill_s, "decode_s": decode_s}
+
+
+def _prompt(vocab: int, n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(3, vocab, n).astype(np.int64)
+
+
+def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
+    """In-process measurement (call in a fresh process: see bench_bundle_subprocess)."""
+    import torch
+
+    from .bundle import read_manifest
+    from .targets import load_target
+
+    torch.set_num_threads(threads)
+    manifest = read_manifest(bundle)
+    module = load_target(manifest["target"])
+    base_rss = _current_rss()
+    t0 = time.perf_counter()
+    runtime = module.open_runtime(bundle, manifest)
+    load_s = time.perf_counter() - t0
+    prompt = _prompt(manifest["vocab_size"], min(prompt_tokens, manifest["max_context"] - decode_tokens - 1))
+    _time_decode(runtime, prompt[:8], 2)  # warm-up (first-call allocations, kernel packing)
+    timing = _time_decode(runtime, prompt, decode_tokens)
+    artifact = bundle / manifest["artifact"]
+    size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else artifact.stat().st_size
+    return {"bundle": manifest["name"], "target": manifest["target"], "bits": manifest["bits"], "threads": threads,
+            "load_s": load_s, **timing, "peak_rss_bytes": _peak_rss(), "rss_over_baseline_bytes": _peak_rss() - base_rss,
+            "artifact_bytes": size, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens}
+
+
+def measure_eager(checkpoint: Path, threads: int, prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512) -> dict[str, Any]:
+    """The PyTorch eager reference (fp32, dynamic KV state) on the same machine."""
+    import torch
+
+    from mobilellm.validation.parity import ReferenceRuntime
+
+    from .checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    base_rss = _current_rss()
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    load_s = time.perf_counter() - t0
+    runtime = ReferenceRuntime(ckpt.model)
+    prompt = _prompt(ckpt.config.vocab_size, min(prompt_tokens, max_seq_len - decode_tokens - 1))
+    _time_decode(runtime, prompt[:8], 2)
+    timing = _time_decode(runtime, prompt, decode_tokens)
+    weights = sum(p.numel() * p.element_size() for p in ckpt.model.parameters())
+    return {"bundle": "pytorch-eager-fp32", "target": "pytorch", "bits": 32, "threads": threads, "load_s": load_s, **timing,
+            "peak_rss_bytes": _peak_rss(), "rss_over_baseline_bytes": _peak_rss() - base_rss, "artifact_bytes": weights,
+            "prompt_tokens": len(prompt), "decode_tokens": decode_tokens}
+
+
+def _subprocess(args: list[str]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "mobilellm.exporter.bench", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_bundle_subprocess(bundle: Path, threads: int = 2, prompt_tokens: int = 128, decode_tokens: int = 64) -> dict[str, Any]:
+    from .bundle import read_manifest
+
+    read_manifest(bundle)  # a clear error for a bad path before spawning anything
+    return _subprocess(["--one", str(bundle), "--threads", str(threads), "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)])
+
+
+def bench_eager_subprocess(checkpoint: Path, threads: int = 2, prompt_tokens: int = 128, decode_tokens: int = 64) -> dict[str, Any]:
+    return _subprocess(["--eager", str(checkpoint), "--threads", str(threads), "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)])
+
+
+# ------------------------------------------------------------------------------ make bench
+def minimum_bytes(manifest: dict[str, Any]) -> int:
+    """The smallest possible weight storage for the bundle's bit widths (weights stored once, no scales)."""
+    m = manifest["model"]
+    linear = m["n_layers"] * (2 * m["dim"] * m["dim"] + 2 * m["dim"] * m["n_kv_heads"] * m["head_dim"] + 3 * m["dim"] * m["ffn_dim"])
+    emb = m["vocab_size"] * m["dim"]
+    out = linear * manifest["bits"] / 8 + emb * manifest["embedding_bits"] / 8
+    if not m["share_embedding"]:
+        out += emb * manifest["bits"] / 8
+    return int(out + (2 * m["n_layers"] + 1) * m["dim"] * 2)
+
+
+def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: list[int], threads: int,
+              prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
+    from .bundle import read_manifest
+    from .pipeline import ExportOptions, run_export
+    from .random_checkpoint import write_random_checkpoint
+    from .targets import available_targets
+
+    output.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for preset_name in presets:
+        ckpt = output / "checkpoints" / preset_name
+        if not (ckpt / "config.json").is_file():
+            write_random_checkpoint(preset_name, ckpt)
+        eager = bench_eager_subprocess(ckpt, threads, prompt_tokens, decode_tokens)
+        eager["preset"] = preset_name
+        rows.append(eager)
+        print(json.dumps(eager), flush=True)
+        for target in [t for t in targets if t in available_targets()]:
+            for bits in bits_list:
+                t0 = time.perf_counter()
+                (bundle,) = run_export(ExportOptions(checkpoint=ckpt, targets=[target], bits=bits, parity=False,
+                                                     output=output / "bundles", name=preset_name))
+                export_s = time.perf_counter() - t0
+                row = bench_bundle_subprocess(bundle, threads, prompt_tokens, decode_tokens)
+                manifest = read_manifest(bundle)
+                row.update(preset=preset_name, export_s=export_s, minimum_bytes=minimum_bytes(manifest),
+                           size_over_minimum=row["artifact_bytes"] / minimum_bytes(manifest),
+                           decode_speedup_vs_eager=row["decode_tokens_per_s"] / eager["decode_tokens_per_s"],
+                           prefill_speedup_vs_eager=row["prefill_tokens_per_s"] / eager["prefill_tokens_per_s"],
+                           rss_vs_eager=row["rss_over_baseline_bytes"] / eager["rss_over_baseline_bytes"],
+                           size_vs_eager_fp32=row["artifact_bytes"] / eager["artifact_bytes"])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    result = {"threads": threads, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "rows": rows}
+    (output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output / "bench.md").write_text(bench_markdown(rows))
+    return result
+
+
+def bench_markdown(rows: list[dict[str, Any]]) -> str:
+    mb = 1024 * 1024
+    lines = ["| model | runtime | bits | export s | size MB | size / min | load s | prefill tok/s | decode tok/s | decode vs eager | peak RSS over baseline MB | RSS vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['preset']} | {r['target']} | {r['bits']} | {r.get('export_s', 0):.0f} | {r['artifact_bytes'] / mb:.1f} | "
+            f"{r.get('size_over_minimum', float('nan')):.2f} | {r['load_s']:.2f} | {r['prefill_tokens_per_s']:.0f} | "
+            f"{r['decode_tokens_per_s']:.1f} | {r.get('decode_speedup_vs_eager', 1.0):.2f}x | {r['rss_over_baseline_bytes'] / mb:.0f} | "
+            f"{r.get('rss_vs_eager', 1.0):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="mobilellm-export benchmarks")
+    ap.add_argument("--one", type=Path, help="measure one bundle in this process and print JSON")
+    ap.add_argument("--eager", type=Path, help="measure the PyTorch eager reference of a checkpoint")
+    ap.add_argument("--output", type=Path, default=Path("bench-results"))
+    ap.add_argument("--presets", default="125M,125M-LS")
+    ap.add_argument("--targets", default="executorch,coreml,onnx")
+    ap.add_argument("--bits", default="4,8")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure_bundle(args.one, args.threads, args.prompt_tokens, args.decode_tokens)))
+    elif args.eager:
+        print(json.dumps(measure_eager(args.eager, args.threads, args.prompt_tokens, args.decode_tokens)))
+    else:
+        result = run_suite(args.output, args.presets.split(","), args.targets.split(","), [int(b) for b in args.bits.split(",")],
+                           args.threads, args.prompt_tokens, args.decode_tokens)
+        print(bench_markdown(result["rows"]))
+
+
+if __name__ == "__main__":
+    main()

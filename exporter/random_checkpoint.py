@@ -1,0 +1,39 @@
+"""Randomly initialised checkpoints of any preset, written in the Hugging Face MobileLLM format."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .assets import DEFAULT_MODEL_DIR
+from .bundle import staged_dir
+from .checkpoint import save_checkpoint
+from .config import preset
+from .errors import UserError
+from .model import MobileLLM
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@torch.no_grad()
+def write_random_checkpoint(preset_name: str, output: Path, dtype: str = "float16", seed: int = 0,
+                            layers: int | None = None) -> Path:
+    if dtype not in _DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    cfg = preset(preset_name)
+    if layers is not None:
+        cfg = cfg.replace(n_layers=layers)
+    torch.manual_seed(seed)
+    model = MobileLLM(cfg)
+    for name, p in model.named_parameters():
+        if p.ndim == 2:  # GPT-2 style init, residual projections scaled by depth
+            std = 0.02 / math.sqrt(2 * cfg.n_applied) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            p.normal_(0, std)
+    # The Llama-2 vocabulary is not ours to ship; a 32000-entry model gets the default tokenizer,
+    # whose ids are a subset of its range, so runners and parity text still work.
+    tokenizer = DEFAULT_MODEL_DIR / "tokenizer.model"
+    with staged_dir(Path(output)) as tmp:
+        save_checkpoint(model, tmp, "hf-safetensors", _DTYPES[dtype], tokenizer=tokenizer if tokenizer.is_file() else None)
+    return Path(output)

@@ -1,0 +1,661 @@
+"""ONNX target: one onnxruntime model in the I/O layout onnxruntime-genai expects.
+
+Why the graph is built directly (onnx.helper over the ExportModel's own tensors) instead of
+`torch.onnx.export(dynamo=True)` + onnxruntime's transformer optimizer + the MatMulNBits quantizer:
+
+- every stored weight becomes exactly one initializer by construction: a shared block is emitted
+  once per *application* as nodes, but its weights are read once per *stored* block (the
+  ExportModel's aliased parameters, deduplicated by storage), and the shared embedding is one
+  quantized tensor read by both GatherBlockQuantized and the output MatMulNBits. The torch.onnx
+  route folds `Transpose(W)` per call site, duplicates shared weights, and the int4 quantizer then
+  skips MatMuls whose weight is no longer a plain initializer;
+- the fused contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization, RotaryEmbedding,
+  MatMulNBits, GatherBlockQuantized) are emitted directly rather than hoped for from pattern
+  matching, which is also what onnxruntime-genai's own model builder does;
+- the rounding is ours: weights are quantized with `WeightQuant.quantize` (the twin's code) and
+  packed into MatMulNBits' layout, so the twin describes the artifact exactly. The scale rule is
+  onnxruntime's symmetric blockwise rule (signed value of largest magnitude -> -2^(b-1)); see
+  `quant_scheme` for the two tie cases where onnxruntime's own quantizer differs.
+
+Graph I/O (onnxruntime-genai "decoder" layout, one KV pair per block *application*):
+  input_ids int64 [batch, seq], attention_mask int64 [batch, total_seq], position_ids int64 [batch, seq],
+  past_key_values.{i}.key/value float32 [batch, n_kv_heads, past_seq, head_dim]
+  -> logits float32 [batch, seq, vocab], present.{i}.key/value float32 [batch, n_kv_heads, total_seq, head_dim]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..checkpoint import Checkpoint
+from ..errors import UserError
+from ..export_model import ExportModel
+from ..model import rope_tables
+from ..quantize import QuantScheme, WeightQuant
+from .base import ExportedArtifact, TargetOptions
+
+NAME = "onnx"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 23  # RMSNormalization (the one norm without a residual) is a standard op from opset 23
+MS = "com.microsoft"
+# MatMulNBits accuracy_level: 0 = unset (fp32 compute on CPU, activations never rounded), 4 = int8
+# activations. Chosen by measurement (see the module report): level 4 rounds activations blockwise,
+# which the PyTorch twin cannot describe, and it flips near-tie tokens.
+DEFAULT_ACCURACY_LEVEL = 0
+_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """Which fused onnxruntime ops the graph uses (for measuring what each buys)."""
+
+    fused_norm: bool = True  # RMSNormalization + SkipSimplifiedLayerNormalization vs. Pow/ReduceMean/... + Add
+    attention: Literal["gqa", "plain"] = "gqa"  # GroupQueryAttention vs. MatMul/Softmax with Concat caches
+    rotary: Literal["in_attention", "op", "plain"] = "in_attention"  # GQA's do_rotary, RotaryEmbedding op, or Mul/Concat
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+
+    def __post_init__(self) -> None:
+        if self.rotary == "in_attention" and self.attention != "gqa":
+            raise ValueError("rotary='in_attention' needs attention='gqa'")
+        if self.rotary == "plain" and self.attention != "plain":
+            raise ValueError("rotary='plain' is only emitted with attention='plain'")
+
+    @classmethod
+    def unfused(cls, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> "GraphOptions":
+        return cls(fused_norm=False, attention="plain", rotary="plain", accuracy_level=accuracy_level)
+
+
+# ----------------------------------------------------------------------------- quantization
+def _check_opts(opts: TargetOptions) -> None:
+    if opts.bits not in (4, 8, 16):
+        raise UserError(f"--bits {opts.bits} is not supported by the onnx target; use 4, 8 or 16")
+    if opts.resolved_embedding_bits() not in (4, 8, 16):
+        raise UserError(f"--embedding-bits {opts.resolved_embedding_bits()} is not supported by the onnx target; use 4, 8 or 16")
+    if opts.group_size not in _BLOCK_SIZES:
+        raise UserError(f"--group-size {opts.group_size} is not supported by MatMulNBits; use one of {', '.join(map(str, _BLOCK_SIZES))}")
+
+
+def _weight_quant(bits: int, group_size: int) -> WeightQuant:
+    if bits >= 16:
+        # Stored as float16 (half the file), cast to float32 once at session load: onnxruntime's CPU
+        # kernels (MatMul, GroupQueryAttention, the norms) compute in float32, so activations stay fp32.
+        return WeightQuant(16, float_dtype=torch.float16)
+    # onnxruntime MatMulNBits symmetric: the signed value of largest magnitude maps to -2^(b-1)
+    # (q in [-2^(b-1), 2^(b-1)-1], stored +2^(b-1) with the default zero point); fp32 scales
+    # (MatMulNBits' scales have the activation dtype).
+    return WeightQuant(bits, group_size, "signed_extreme", scale_dtype=torch.float32)
+
+
+def quant_scheme(opts: TargetOptions) -> QuantScheme:
+    """Exactly how the exported model rounds.
+
+    Linears: `opts.bits` (4/8: MatMulNBits blockwise symmetric, block `opts.group_size`, fp32 scales;
+    16: float16 storage, float32 compute). Embedding and output projection: the embedding bits (one
+    tensor when shared). Activations are never rounded (accuracy_level 0) and compute is float32.
+
+    The codes are produced by `WeightQuant.quantize` itself, so the artifact equals the twin. The
+    scale rule is onnxruntime's (`range2scale` in MLAS `q4_dq.cpp`); its own quantizer differs only on
+    exact ties: it picks the negative extreme when |min| == |max| and rounds v*(1/scale) half away from
+    zero, where the twin picks the first extreme and rounds v/scale half to even (measured: 0 of 884,736
+    4-bit codes and 5 of 884,736 8-bit codes differ on Gaussian weights).
+    """
+    _check_opts(opts)
+    linear = _weight_quant(opts.bits, opts.group_size)
+    emb = _weight_quant(opts.resolved_embedding_bits(), opts.group_size)
+    return QuantScheme(linear=linear, embedding=emb, output=emb, int8_dynamic_activations=False, compute_dtype=torch.float32)
+
+
+def pack_nbits(w: Tensor, wq: WeightQuant) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits B [N, K/block, block*bits/8] uint8 (low nibble first) and scales [N, K/block] fp32.
+
+    `w` is a torch linear weight [N (out), K (in)], which is already MatMulNBits' column layout."""
+    q, scale = wq.quantize(w)
+    n, k = q.shape
+    u = (q.to(torch.int32) + (1 << (wq.bits - 1))).numpy().astype(np.uint8)
+    if wq.bits == 4:
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    block = wq.group_size or k
+    return np.ascontiguousarray(u.reshape(n, k // block, block * wq.bits // 8)), np.ascontiguousarray(scale.numpy().astype(np.float32))
+
+
+def unpack_nbits(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """Dequantize MatMulNBits B/scales (default zero point) back to [N, K] float32."""
+    n = packed.shape[0]
+    u = packed.reshape(n, -1).astype(np.int32)
+    if bits == 4:
+        u = np.stack([u & 15, u >> 4], -1).reshape(n, -1)
+    q = (u - (1 << (bits - 1))).astype(np.float32)
+    blocks = scales.shape[1]
+    return (q.reshape(n, blocks, -1) * scales[..., None]).reshape(n, -1)
+
+
+# ----------------------------------------------------------------------------- graph building
+class _Graph:
+    def __init__(self) -> None:
+        from onnx import helper
+
+        self.h = helper
+        self.nodes: list[Any] = []
+        self.inits: dict[str, Any] = {}
+        self.init_kind: dict[str, str] = {}
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", outputs: list[str] | None = None, **attrs: Any) -> Any:
+        outs = outputs or [self.name(op.lower()) for _ in range(n_out)]
+        self.nodes.append(self.h.make_node(op, inputs, outs, name=self.name("/" + op), domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def const(self, value: Any, dtype: Any = np.int64) -> str:
+        from onnx import numpy_helper
+
+        out = self.name("const")
+        self.nodes.append(self.h.make_node("Constant", [], [out], name=self.name("/Constant"), value=numpy_helper.from_array(np.asarray(value, dtype=dtype))))
+        return out
+
+    def init(self, name: str, array: np.ndarray, kind: str) -> str:
+        from onnx import numpy_helper
+
+        if name in self.inits:
+            raise AssertionError(f"initializer {name} written twice")
+        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self.init_kind[name] = kind
+        return name
+
+
+@dataclass
+class _Weight:
+    """One stored weight matrix, written once: a MatMulNBits pair or a float16 matrix."""
+
+    name: str
+    wq: WeightQuant
+    shape: tuple[int, int]  # torch layout [N (out), K (in)]
+    q: str = ""
+    s: str = ""
+    f: str = ""
+
+
+class _Builder:
+    def __init__(self, model: ExportModel, opts: TargetOptions, graph: GraphOptions) -> None:
+        self.m, self.cfg, self.opts, self.go = model, model.config, opts, graph
+        self.scheme = quant_scheme(opts)
+        self.g = _Graph()
+        self._weights: dict[int, _Weight] = {}  # storage data_ptr -> written weight
+        self._norms: dict[int, str] = {}
+        self._f32: dict[str, str] = {}
+
+    # -- weights, each written once per storage ------------------------------------------------
+    def weight(self, tensor: Tensor, name: str, wq: WeightQuant) -> _Weight:
+        key = tensor.untyped_storage().data_ptr()
+        if key in self._weights:
+            found = self._weights[key]
+            if found.wq != wq:
+                raise AssertionError(f"{name} shared with {found.name} but rounded differently")
+            return found
+        w = _Weight(name, wq, tuple(tensor.shape))  # type: ignore[arg-type]
+        if wq.bits >= 16:
+            w.f = self.g.init(name, tensor.detach().float().numpy().astype(np.float16), "weight")
+        else:
+            packed, scales = pack_nbits(tensor.detach().float(), wq)
+            w.q = self.g.init(name + ".qweight", packed, "weight")
+            w.s = self.g.init(name + ".scales", scales, "weight")
+        self._weights[key] = w
+        return w
+
+    def norm_gain(self, tensor: Tensor | None, name: str) -> str:
+        if tensor is None:  # gains folded into the following linear
+            tensor = torch.ones(self.cfg.dim)
+            name = "norm_ones"
+            key = -1
+        else:
+            key = tensor.untyped_storage().data_ptr()
+        if key not in self._norms:
+            self._norms[key] = self.g.init(name, tensor.detach().float().numpy(), "weight")
+        return self._norms[key]
+
+    def as_f32(self, w: _Weight) -> str:
+        if w.f not in self._f32:  # one Cast per stored weight; onnxruntime folds it at load
+            self._f32[w.f] = self.g.node("Cast", [w.f], to=1)
+        return self._f32[w.f]
+
+    # -- ops ------------------------------------------------------------------------------------
+    def linear(self, x: str, w: _Weight) -> str:
+        n, k = w.shape
+        if w.wq.bits < 16:
+            return self.g.node("MatMulNBits", [x, w.q, w.s], domain=MS, K=k, N=n, bits=w.wq.bits, block_size=w.wq.group_size, accuracy_level=self.go.accuracy_level)
+        # x [B, S, K] @ W^T with W [N, K] stored once: Gemm(transB) on the flattened rows.
+        g = self.g
+        flat = g.node("Reshape", [x, g.const([-1, k])])
+        y = g.node("Gemm", [flat, self.as_f32(w)], transB=1)
+        lead = g.node("Slice", [g.node("Shape", [x]), g.const([0]), g.const([-1])])
+        return g.node("Reshape", [y, g.node("Concat", [lead, g.const([n])], axis=0)])
+
+    def embed(self, ids: str, w: _Weight) -> str:
+        g = self.g
+        if w.wq.bits < 16:
+            # The very tensor the output MatMulNBits reads: data [V, K/block, blob]; the scales get a
+            # trailing unit axis (same rank as the data), a tiny node onnxruntime folds at load.
+            scales3 = g.node("Unsqueeze", [w.s, g.const([2])])
+            e = g.node("GatherBlockQuantized", [w.q, ids, scales3], domain=MS, bits=w.wq.bits, block_size=w.wq.group_size, gather_axis=0, quantize_axis=2)
+            return g.node("Reshape", [e, g.const([0, 0, -1])])
+        return g.node("Gather", [self.as_f32(w), ids], axis=0)
+
+    def rms(self, x: str, gain: str) -> str:
+        g, eps = self.g, self.cfg.norm_eps
+        if self.go.fused_norm:
+            return g.node("RMSNormalization", [x, gain], axis=-1, epsilon=eps)
+        ms = g.node("ReduceMean", [g.node("Mul", [x, x]), g.const([-1])], keepdims=1)
+        inv = g.node("Reciprocal", [g.node("Sqrt", [g.node("Add", [ms, g.const(eps, np.float32)])])])
+        return g.node("Mul", [g.node("Mul", [x, inv]), gain])
+
+    def add_rms(self, delta: str, residual: str, gain: str) -> tuple[str, str]:
+        """(norm(residual + delta), residual + delta)."""
+        g = self.g
+        if self.go.fused_norm:
+            outs = [g.name("skipnorm"), "", "", g.name("residual")]
+            g.node("SkipSimplifiedLayerNormalization", [delta, residual, gain], domain=MS, outputs=outs, epsilon=self.cfg.norm_eps)
+            return outs[0], outs[3]
+        h = g.node("Add", [residual, delta])
+        return self.rms(h, gain), h
+
+    # -- the model -------------------------------------------------------------------------------
+    def build(self) -> Any:
+        from onnx import TensorProto, helper
+
+        cfg, g, m = self.cfg, self.g, self.m
+        n_app = len(m.schedule)
+        B, S, T, P = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
+        kv_shape = lambda seq: [B, cfg.n_kv_heads, seq, cfg.head_dim]  # noqa: E731
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, S]),
+        ]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, cfg.vocab_size])]
+        for i in range(n_app):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape(P)))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape(T)))
+
+        sch = self.scheme
+        emb = self.weight(m.tok_embeddings.weight, "model.embed_tokens.weight", sch.embedding)
+        out_w = emb if m.output is None else self.weight(m.output.weight, "lm_head.weight", sch.output)
+        blocks = []
+        for b, blk in enumerate(m.blocks):
+            p = f"model.layers.{b}."
+            lin = {}
+            names = ("wqkv", "wo", "w13", "w2") if m.settings.fuse else ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
+            for nm in names:
+                lin[nm] = self.weight(getattr(blk, nm).weight, p + nm + ".weight", sch.linear)
+            lin["attention_norm"] = self.norm_gain(blk.attention_norm, p + "attention_norm.weight")
+            lin["ffn_norm"] = self.norm_gain(blk.ffn_norm, p + "ffn_norm.weight")
+            blocks.append(lin)
+        final_norm = self.norm_gain(m.norm, "model.norm.weight")
+        cos, sin = rope_tables(cfg.head_dim, m.settings.max_seq_len, cfg.rope_theta)
+        half = cfg.head_dim // 2
+        rope_cos = g.init("rope.cos_cache", cos[:, :half].numpy(), "rope")
+        rope_sin = g.init("rope.sin_cache", sin[:, :half].numpy(), "rope")
+
+        # Shared per-step tensors
+        if self.go.attention == "gqa":
+            total = g.node("Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)], axis=0)], to=TensorProto.INT32)
+            seqlens_k = g.node("Cast", [g.node("Sub", [g.node("ReduceSum", ["attention_mask", g.const([1])], keepdims=0), g.const(1)])], to=TensorProto.INT32)
+        else:
+            mask = self._additive_mask()
+        if self.go.rotary == "plain":
+            cos_full = g.node("Unsqueeze", [g.node("Gather", [g.node("Concat", [rope_cos, rope_cos], axis=-1), "position_ids"], axis=0), g.const([1])])
+            sin_full = g.node("Unsqueeze", [g.node("Gather", [g.node("Concat", [rope_sin, rope_sin], axis=-1), "position_ids"], axis=0), g.const([1])])
+
+        h = self.embed("input_ids", emb)
+        x = self.rms(h, blocks[m.schedule[0]]["attention_norm"])
+        for i, b in enumerate(m.schedule):
+            w = blocks[b]
+            past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+            pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+            if m.settings.fuse:
+                qkv = self.linear(x, w["wqkv"])
+                q_, k_, v_ = (qkv, "", "") if self.go.rotary == "in_attention" else g.node("Split", [qkv, g.const([cfg.dim, cfg.kv_dim, cfg.kv_dim])], n_out=3, axis=-1)
+            else:
+                q_, k_, v_ = (self.linear(x, w[n]) for n in ("wq", "wk", "wv"))
+            if self.go.rotary == "op":
+                q_ = g.node("RotaryEmbedding", [q_, "position_ids", rope_cos, rope_sin], domain=MS, interleaved=0, num_heads=cfg.n_heads)
+                k_ = g.node("RotaryEmbedding", [k_, "position_ids", rope_cos, rope_sin], domain=MS, interleaved=0, num_heads=cfg.n_kv_heads)
+            if self.go.attention == "gqa":
+                extra = [rope_cos, rope_sin] if self.go.rotary == "in_attention" else []
+                attn = g.node(
+                    "GroupQueryAttention", [q_, k_, v_, past_k, past_v, seqlens_k, total, *extra], domain=MS,
+                    outputs=[g.name("attn"), pres_k, pres_v], num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads,
+                    scale=float(cfg.head_dim ** -0.5), do_rotary=int(self.go.rotary == "in_attention"), rotary_interleaved=0,
+                )[0]
+            else:
+                attn = self._plain_attention(q_, k_, v_, past_k, past_v, pres_k, pres_v, mask, cos_full if self.go.rotary == "plain" else None, sin_full if self.go.rotary == "plain" else None)
+            x, h = self.add_rms(self.linear(attn, w["wo"]), h, w["ffn_norm"])
+            if m.settings.fuse:
+                gate, up = g.node("Split", [self.linear(x, w["w13"]), g.const([cfg.ffn_dim, cfg.ffn_dim])], n_out=2, axis=-1)
+            else:
+                gate, up = self.linear(x, w["w1"]), self.linear(x, w["w3"])
+            act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up])
+            nxt = blocks[m.schedule[i + 1]]["attention_norm"] if i + 1 < n_app else final_norm
+            x, h = self.add_rms(self.linear(act, w["w2"]), h, nxt)
+        if out_w.wq.bits < 16:
+            g.node("MatMulNBits", [x, out_w.q, out_w.s], domain=MS, outputs=["logits"], K=out_w.shape[1], N=out_w.shape[0],
+                   bits=out_w.wq.bits, block_size=out_w.wq.group_size, accuracy_level=self.go.accuracy_level)
+        else:
+            g.node("Identity", [self.linear(x, out_w)], outputs=["logits"])
+
+        graph = helper.make_graph(g.nodes, "mobilellm", inputs, outputs, list(g.inits.values()))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], ir_version=10, producer_name="mobilellm-export")
+        return model
+
+    def _additive_mask(self) -> str:
+        """[B, 1, S, T] additive mask: key j visible from query i iff j <= position_ids[i] and attention_mask[j]."""
+        from onnx import TensorProto
+
+        g = self.g
+        total = g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)], axis=0)
+        kpos = g.node("Range", [g.const(0), total, g.const(1)])  # [T]
+        causal = g.node("LessOrEqual", [kpos, g.node("Unsqueeze", ["position_ids", g.const([2])])])  # [B, S, T]
+        pad = g.node("Unsqueeze", [g.node("Cast", ["attention_mask"], to=TensorProto.BOOL), g.const([1])])  # [B, 1, T]
+        allowed = g.node("And", [causal, pad])
+        neg = g.const(np.finfo(np.float32).min, np.float32)
+        return g.node("Unsqueeze", [g.node("Where", [allowed, g.const(0.0, np.float32), neg]), g.const([1])])
+
+    def _plain_attention(self, q: str, k: str, v: str, past_k: str, past_v: str, pres_k: str, pres_v: str, mask: str, cos: str | None, sin: str | None) -> str:
+        cfg, g = self.cfg, self.g
+
+        def heads(t: str, n: int) -> str:  # [B, S, n*H] -> [B, n, S, H]
+            return g.node("Transpose", [g.node("Reshape", [t, g.const([0, 0, n, cfg.head_dim])])], perm=[0, 2, 1, 3])
+
+        def rope(t: str) -> str:
+            half = cfg.head_dim // 2
+            x1, x2 = g.node("Split", [t, g.const([half, half])], n_out=2, axis=-1)
+            rot = g.node("Concat", [g.node("Neg", [x2]), x1], axis=-1)
+            return g.node("Add", [g.node("Mul", [t, cos]), g.node("Mul", [rot, sin])])
+
+        qh, kh, vh = heads(q, cfg.n_heads), heads(k, cfg.n_kv_heads), heads(v, cfg.n_kv_heads)
+        if cos is not None:
+            qh, kh = rope(qh), rope(kh)
+        g.node("Concat", [past_k, kh], axis=2, outputs=[pres_k])
+        g.node("Concat", [past_v, vh], axis=2, outputs=[pres_v])
+        keys, values = pres_k, pres_v
+        rep = cfg.n_heads // cfg.n_kv_heads
+        if rep > 1:
+            def repeat(t: str) -> str:  # [B, Nkv, T, H] -> [B, Nkv*rep, T, H], head j reads kv head j // rep
+                shp = g.node("Shape", [t])
+                b_, n_, t_, h_ = (g.node("Slice", [shp, g.const([i]), g.const([i + 1])]) for i in range(4))
+                big = g.node("Concat", [b_, n_, g.const([rep]), t_, h_], axis=0)
+                e = g.node("Expand", [g.node("Unsqueeze", [t, g.const([2])]), big])
+                return g.node("Reshape", [e, g.const([0, cfg.n_heads, -1, cfg.head_dim])])
+            keys, values = repeat(keys), repeat(values)
+        scores = g.node("Add", [g.node("Mul", [g.node("MatMul", [qh, g.node("Transpose", [keys], perm=[0, 1, 3, 2])]), g.const(cfg.head_dim ** -0.5, np.float32)]), mask])
+        out = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), values])
+        return g.node("Reshape", [g.node("Transpose", [out], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.dim])])
+
+
+# ----------------------------------------------------------------------------- sizes
+def minimum_bytes(model: ExportModel, opts: TargetOptions) -> dict[str, int]:
+    """Bytes the unique weights need at their nominal bit widths (no scales), norms at fp32."""
+    scheme = quant_scheme(opts)
+    seen: set[int] = set()
+    total = {"linear": 0, "embedding": 0, "norms": 0}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = p.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        if p.ndim == 1:
+            total["norms"] += p.numel() * 4
+        elif name.startswith(("tok_embeddings", "output")):
+            total["embedding"] += p.numel() * scheme.embedding.bits // 8
+        else:
+            total["linear"] += p.numel() * scheme.linear.bits // 8
+    total["total"] = sum(total.values())
+    return total
+
+
+def initializer_report(onnx_model: Any) -> dict[str, Any]:
+    """Count/bytes of weight initializers and whether any two hold identical bytes."""
+    from onnx import numpy_helper
+
+    import hashlib
+
+    rows = []
+    digests: dict[str, str] = {}
+    dupes = []
+    for init in onnx_model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        d = hashlib.sha256(arr.tobytes() + str(arr.shape).encode() + str(arr.dtype).encode()).hexdigest()
+        if d in digests and arr.size > 1:
+            dupes.append((digests[d], init.name))
+        digests.setdefault(d, init.name)
+        rows.append((init.name, int(arr.nbytes)))
+    return {"count": len(rows), "bytes": sum(b for _, b in rows), "duplicates": dupes, "names": [n for n, _ in rows]}
+
+
+# ----------------------------------------------------------------------------- export
+def build_onnx(model: ExportModel, opts: TargetOptions, graph: GraphOptions | None = None) -> Any:
+    """The onnx.ModelProto for `model` (weights inline)."""
+    return _Builder(model, opts, graph or GraphOptions()).build()
+
+
+def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir: Path, graph: GraphOptions | None = None) -> ExportedArtifact:
+    import onnx
+
+    graph = graph or GraphOptions()
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    proto = build_onnx(model, opts, graph)
+    inits = initializer_report(proto)
+    path = bundle_dir / MODEL_FILE
+    # Weights in one external file (mmap-able, no 2 GB protobuf limit); the graph stays readable.
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
+    files = [MODEL_FILE, DATA_FILE]
+    files += _write_genai_config(bundle_dir, cfg, opts, graph)
+    tok_files, tok_note = _write_tokenizer(bundle_dir, ckpt.tokenizer_path if ckpt is not None else None, cfg)
+    files += tok_files
+
+    scheme = quant_scheme(opts)
+    mins = minimum_bytes(model, opts)
+    file_bytes = {f: (bundle_dir / f).stat().st_size for f in (MODEL_FILE, DATA_FILE)}
+    n_app = len(model.schedule)
+    io = {
+        "inputs": {
+            "input_ids": {"dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+            "attention_mask": {"dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
+            "position_ids": {"dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+            "past_key_values.%d.key": {"dtype": "float32", "shape": ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim], "count": n_app},
+            "past_key_values.%d.value": {"dtype": "float32", "shape": ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim], "count": n_app},
+        },
+        "outputs": {
+            "logits": {"dtype": "float32", "shape": ["batch_size", "sequence_length", cfg.vocab_size]},
+            "present.%d.key": {"dtype": "float32", "shape": ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim], "count": n_app},
+            "present.%d.value": {"dtype": "float32", "shape": ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim], "count": n_app},
+        },
+        "kv_pairs": n_app,
+        "max_seq_len": model.settings.max_seq_len,
+    }
+    info = {
+        "format": "onnx",
+        "opset": {"ai.onnx": OPSET, MS: 1},
+        "graph": asdict(graph),
+        "ops": sorted({n.op_type for n in proto.graph.node}),
+        "quantization": {
+            "linear": _describe(scheme.linear),
+            "embedding": _describe(scheme.embedding),
+            "output": "shared with embedding (one tensor)" if model.output is None else _describe(scheme.output),
+            "activations": "float32 (MatMulNBits accuracy_level %d)" % graph.accuracy_level,
+        },
+        "initializers": {"count": inits["count"], "bytes": inits["bytes"], "duplicates": len(inits["duplicates"])},
+        "file_bytes": file_bytes,
+        "total_bytes": sum(file_bytes.values()),
+        "minimum_bytes": mins,
+        "overhead_vs_minimum": round(sum(file_bytes.values()) / mins["total"], 4),
+        "tokenizer": tok_note,
+    }
+    return ExportedArtifact(target=NAME, files=files, io=io, info=info)
+
+
+def _describe(wq: WeightQuant) -> dict[str, Any]:
+    if wq.bits >= 16:
+        return {"bits": 16, "storage": "float16", "compute": "float32 (Cast folded at session load)"}
+    return {"bits": wq.bits, "op": "MatMulNBits", "block_size": wq.group_size, "symmetric": True, "scale_rule": wq.scale_rule, "scale_dtype": "float32", "zero_point": 1 << (wq.bits - 1)}
+
+
+def _write_genai_config(bundle_dir: Path, cfg: Any, opts: TargetOptions, graph: GraphOptions) -> list[str]:
+    n_app = cfg.n_applied
+    conf = {
+        "model": {
+            "bos_token_id": cfg.bos_id,
+            "context_length": opts.max_seq_len,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.dim,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "num_attention_heads": cfg.n_heads,
+                "num_hidden_layers": n_app,  # KV pairs: one per block application (sharing unrolled)
+                "num_key_value_heads": cfg.n_kv_heads,
+            },
+            "eos_token_id": cfg.eos_id,
+            "pad_token_id": cfg.eos_id,
+            "type": "llama",
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": opts.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1,
+            # GroupQueryAttention can write into a max_length present buffer in place; the plain graph concatenates.
+            "past_present_share_buffer": graph.attention == "gqa",
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+    (bundle_dir / "genai_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    return ["genai_config.json"]
+
+
+def _write_tokenizer(bundle_dir: Path, tokenizer: Path | None, cfg: Any) -> tuple[list[str], str]:
+    """tokenizer.json + tokenizer_config.json (what onnxruntime-genai reads) from the SentencePiece model."""
+    if tokenizer is None:
+        return [], "no tokenizer in the checkpoint: onnxruntime-genai needs tokenizer.json next to the model"
+    tokenizer = Path(tokenizer)
+    if tokenizer.name == "tokenizer.json":
+        shutil.copy(tokenizer, bundle_dir / "tokenizer.json")
+        _tokenizer_config(bundle_dir, cfg)
+        return ["tokenizer.json", "tokenizer_config.json"], "copied tokenizer.json"
+    try:
+        from transformers import LlamaTokenizerFast
+    except Exception as exc:  # transformers is optional at export time
+        return [], f"tokenizer.json not written ({type(exc).__name__}: transformers unavailable); convert {tokenizer.name} with transformers' LlamaTokenizerFast"
+    try:
+        tok = LlamaTokenizerFast(vocab_file=str(tokenizer), legacy=False, add_bos_token=True, add_eos_token=False)
+        tok.backend_tokenizer.save(str(bundle_dir / "tokenizer.json"))
+    except Exception as exc:
+        return [], f"tokenizer.json not written: conversion of {tokenizer.name} failed ({type(exc).__name__}: {str(exc)[:200]})"
+    _tokenizer_config(bundle_dir, cfg, tok)
+    return ["tokenizer.json", "tokenizer_config.json"], f"tokenizer.json converted from {tokenizer.name} (LlamaTokenizerFast)"
+
+
+def _tokenizer_config(bundle_dir: Path, cfg: Any, tok: Any = None) -> None:
+    def piece(i: int, default: str) -> str:
+        try:
+            return tok.convert_ids_to_tokens(i) if tok is not None else default
+        except Exception:
+            return default
+
+    conf = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": piece(cfg.bos_id, "<s>"),
+        "eos_token": piece(cfg.eos_id, "</s>"),
+        "unk_token": piece(0, "<unk>"),
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": cfg.max_context,
+    }
+    (bundle_dir / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- runtime
+class OnnxRuntime:
+    """onnxruntime CPU session behind the `TargetRuntime` interface; present -> past between calls."""
+
+    def __init__(self, model_path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        threads = threads if threads is not None else int(os.environ.get("MOBILELLM_ORT_THREADS", "0"))
+        so.intra_op_num_threads = threads  # 0: onnxruntime's default (one per physical core)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        names = [i.name for i in self.session.get_inputs()]
+        self.n_pairs = sum(1 for n in names if n.startswith("past_key_values.") and n.endswith(".key"))
+        past = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
+        self.kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
+        self.output_names = ["logits"] + [f"present.{i}.{k}" for i in range(self.n_pairs) for k in ("key", "value")]
+        self.reset()
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+        self.past = [empty] * (2 * self.n_pairs)
+        self.length = 0
+
+    def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if start > self.length:
+            raise ValueError(f"position {start} is past the cached length {self.length}")
+        if start < self.length:  # rewind: drop cached positions >= start
+            self.past = [p[:, :, :start] for p in self.past]
+        s = len(tokens)
+        feed = {
+            "input_ids": tokens[None],
+            "attention_mask": np.ones((1, start + s), np.int64),
+            "position_ids": np.arange(start, start + s, dtype=np.int64)[None],
+        }
+        for i in range(self.n_pairs):
+            feed[f"past_key_values.{i}.key"] = self.past[2 * i]
+            feed[f"past_key_values.{i}.value"] = self.past[2 * i + 1]
+        out = self.session.run(self.output_names, feed)
+        self.past = out[1:]
+        self.length = start + s
+        return np.asarray(out[0][0], dtype=np.float32)
+
+
+def open_runtime(bundle_dir: Path, manifest: dict[str, Any] | None = None, threads: int | None = None) -> OnnxRuntime:
+    manifest = manifest or {}
+    model_file = MODEL_FILE
+    entry = manifest.get("targets", {}).get(NAME) if isinstance(manifest.get("targets"), dict) else None
+    if isinstance(entry, dict) and entry.get("files"):
+        model_file = entry["files"][0]
+    elif manifest.get("files"):
+        model_file = manifest["files"][0]
+    path = Path(bundle_dir) / model_file
+    if not path.is_file():
+        raise UserError(f"{path}: ONNX model not found; re-run the export with --target onnx")
+    if threads is None and isinstance(manifest.get("threads"), int):
+        threads = manifest["threads"]
+    return OnnxRuntime(path, threads)

@@ -1,0 +1,91 @@
+"""Parity reports: `parity.json` (versioned schema), `parity.md` (for reviewers), `parity.junit.xml` (for CI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from .parity import ParityResult
+
+REPORT_SCHEMA = "mobilellm-export/parity"
+REPORT_SCHEMA_VERSION = 1
+REPORT_FILES = ("parity.json", "parity.md", "parity.junit.xml")
+SCHEMA_PATH = Path(__file__).resolve().parent / "parity.schema.json"
+
+
+def report_dict(result: ParityResult, meta: dict[str, Any], thresholds: dict[str, float]) -> dict[str, Any]:
+    return {
+        "schema": REPORT_SCHEMA,
+        "schema_version": REPORT_SCHEMA_VERSION,
+        **meta,
+        "thresholds": dict(sorted(thresholds.items())),
+        **result.to_dict(),
+    }
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    status = "PASS" if report["passed"] else "FAIL"
+    lines = [
+        f"### Parity: {report['bundle']} — **{status}**",
+        "",
+        f"target `{report['target']}`, {report['bits']}-bit weights, {report['embedding_bits']}-bit embedding; "
+        f"compared with the fp32 reference and the fake-quant twin on prefill ({report['steps']['reference'][0]['positions']} tokens) "
+        f"+ {len(report['steps']['reference']) - 1} decode steps.",
+        "",
+        "| against | max abs | mean abs | min cosine | top-1 | top-5 overlap | KL (mean / max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for who, m in report["overall"].items():
+        lines.append(
+            f"| {who} | {_fmt(m['max_abs'])} | {_fmt(m['mean_abs'])} | {m['min_cosine']:.6f} | {m['top1_agreement'] * 100:.1f}% "
+            f"| {m['top5_overlap'] * 100:.1f}% | {_fmt(m['kl_divergence'])} / {_fmt(m['max_kl_divergence'])} |"
+        )
+    p, g = report["perplexity"], report["generation"]
+    lines += [
+        "",
+        f"Perplexity on {p['tokens']} held-out tokens: reference {p['reference']:.3f}, twin {p['twin']:.3f}, "
+        f"artifact {p['artifact']:.3f} ({p['delta_vs_reference'] * 100:+.2f}% vs reference, {p['delta_vs_twin'] * 100:+.2f}% vs twin).",
+        f"Greedy generation, {g['tokens']} tokens: matches the reference for {g['match_vs_reference']}, the twin for {g['match_vs_twin']}.",
+        "",
+        "| check | value | threshold | step | result |",
+        "|---|---|---|---|---|",
+    ]
+    for c in report["checks"]:
+        lines.append(f"| {c['name']} | {_fmt(c['value'])} | {c['op']} {c['threshold']:g} | {c['step']} | {'pass' if c['passed'] else '**FAIL**'} |")
+    if report["integrity_problems"]:
+        lines += ["", "Integrity: " + ", ".join(report["integrity_problems"]) + " differ from manifest.json sha256."]
+    return "\n".join(lines) + "\n"
+
+
+def junit(report: dict[str, Any]) -> str:
+    checks = report["checks"]
+    failures = sum(not c["passed"] for c in checks) + len(report["integrity_problems"])
+    suite = ET.Element("testsuite", name=f"parity.{report['bundle']}", tests=str(len(checks) + 1), failures=str(failures), errors="0")
+    for c in checks:
+        case = ET.SubElement(suite, "testcase", classname=f"parity.{report['target']}", name=c["name"])
+        if not c["passed"]:
+            msg = f"{c['name']} = {c['value']:.6g} (threshold {c['op']} {c['threshold']:g}) at step {c['step']}"
+            ET.SubElement(case, "failure", message=msg, type="ParityFailure").text = msg
+    case = ET.SubElement(suite, "testcase", classname=f"parity.{report['target']}", name="integrity.sha256")
+    if report["integrity_problems"]:
+        msg = "files differ from manifest.json: " + ", ".join(report["integrity_problems"])
+        ET.SubElement(case, "failure", message=msg, type="IntegrityFailure").text = msg
+    root = ET.Element("testsuites")
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / name for name in REPORT_FILES]
+    paths[0].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    paths[1].write_text(markdown(report))
+    paths[2].write_text(junit(report))
+    return paths
