@@ -45,14 +45,15 @@ def export(
         help="Hugging Face MobileLLM dir, training checkpoint-<step>/ dir, or .pt/.pth state dict. "
         "Default: the embedded default model.",
     ),
-    target: TargetChoice = typer.Option(TargetChoice.all, "--target", "-t", help="Runtime to export for; 'all' exports every target."),
-    bits: Bits = typer.Option(Bits.b4, "--bits", "-b", help="Weight precision: 4 (int4 group-wise), 8 (int8 per-channel) or 16 (fp16/fp32)."),
+    target: Optional[TargetChoice] = typer.Option(None, "--target", "-t", help="Runtime to export for; 'all' exports every target. Default: all."),
+    bits: Optional[Bits] = typer.Option(None, "--bits", "-b", help="Weight precision: 4 (int4 group-wise), 8 (int8 per-channel) or 16 (fp16/fp32). Default: 4."),
     output: Path = typer.Option(Path("dist"), "--output", "-o", help="Directory the bundle folders are written to."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe file (recipes/<model>/<target>-<bits>bit.toml) holding every export choice; flags override it."),
     config: Optional[str] = typer.Option(None, "--config", help="Preset (e.g. 125M-LS) or config.json; required for a bare .pt/.pth."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.model / tokenizer.json if not beside the checkpoint."),
-    group_size: int = typer.Option(32, "--group-size", help="Group size of int4 weights; must divide every input width."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Group size of int4 weights; must divide every input width. Default: 32."),
     embedding_bits: Optional[Bits] = typer.Option(None, "--embedding-bits", help="Precision of the (shared) embedding table. Default: 8 (16 when --bits 16)."),
-    max_seq_len: int = typer.Option(512, "--max-seq-len", help="KV-cache length of the exported model (up to the config's max context)."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="KV-cache length of the exported model (up to the config's max context). Default: 512."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep Q/K/V and gate/up projections separate (debugging)."),
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity run after export."),
     threshold: Optional[list[str]] = typer.Option(
@@ -64,23 +65,38 @@ def export(
     if ctx.invoked_subcommand is not None:
         return
     from .pipeline import ExportOptions, run_export
+    from .recipe import load_recipe
 
+    plan = load_recipe(recipe) if recipe else None
+    base = plan.export if plan else {}
+
+    def pick(flag: object, key: str, default: object) -> object:
+        return flag if flag is not None else base.get(key, default)
+
+    emb = embedding_bits.value if embedding_bits else base.get("embedding_bits")
     options = ExportOptions(
         checkpoint=checkpoint,
         config=config,
         tokenizer=tokenizer,
-        targets=_expand_target(target.value),
-        bits=int(bits.value),
-        group_size=group_size,
-        embedding_bits=int(embedding_bits.value) if embedding_bits else None,
-        max_seq_len=max_seq_len,
-        fuse=not no_fuse,
+        targets=_expand_target(str(pick(target.value if target else None, "target", "all"))),
+        bits=int(pick(bits.value if bits else None, "bits", 4)),  # type: ignore[arg-type]
+        group_size=int(pick(group_size, "group_size", 32)),  # type: ignore[arg-type]
+        embedding_bits=int(emb) if emb is not None else None,
+        max_seq_len=int(pick(max_seq_len, "max_seq_len", 512)),  # type: ignore[arg-type]
+        fuse=False if no_fuse else bool(base.get("fuse", True)),
         parity=not no_parity,
         output=output,
-        thresholds=parse_thresholds(threshold),
-        name=name,
+        thresholds={**(plan.thresholds if plan else {}), **parse_thresholds(threshold)},
+        name=name or (plan.name if plan else None),
+        recipe=plan,
     )
     run_export(options)
+
+
+def _expand_target(name: str) -> list[str]:
+    from .targets import TARGET_NAMES
+
+    return list(TARGET_NAMES) if name == "all" else [name]
 
 
 def parse_thresholds(items: Optional[list[str]]) -> dict[str, float]:
@@ -94,12 +110,6 @@ def parse_thresholds(items: Optional[list[str]]) -> dict[str, float]:
         except ValueError:
             raise UserError(f"--threshold {item!r}: expected <reference|twin>.<metric>=<number>, e.g. twin.top1_agreement=0.99") from None
     return out
-
-
-def _expand_target(name: str) -> list[str]:
-    from .targets import TARGET_NAMES
-
-    return list(TARGET_NAMES) if name == "all" else [name]
 
 
 @app.command()

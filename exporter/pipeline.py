@@ -36,6 +36,7 @@ class ExportOptions:
     output: Path = Path("dist")
     thresholds: dict[str, float] = field(default_factory=dict)
     name: str | None = None
+    recipe: Any = None  # a loaded Recipe: the checkpoint must be the recipe's model
 
 
 def log(msg: str) -> None:
@@ -110,6 +111,8 @@ def run_export(options: ExportOptions) -> list[Path]:
     modules = [load_target(name) for name in options.targets]  # fail fast, before any work
     thresholds = resolve_thresholds(options.bits, options.thresholds)
     ckpt = load_checkpoint(options.checkpoint or DEFAULT_MODEL_DIR, options.config, options.tokenizer)
+    if options.recipe is not None:
+        options.recipe.check_matches(ckpt.config)
     if ckpt.tokenizer_path is None:
         raise UserError(f"{ckpt.source}: no tokenizer.model or tokenizer.json beside the checkpoint; pass --tokenizer PATH")
     opts = TargetOptions(options.bits, options.group_size, options.embedding_bits, options.max_seq_len, options.fuse)
