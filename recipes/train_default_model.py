@@ -24,7 +24,7 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from mobilellm.exporter.checkpoint import save_checkpoint
+from mobilellm.exporter.checkpoint import load_checkpoint, save_checkpoint
 from mobilellm.exporter.config import ModelConfig
 from mobilellm.exporter.model import MobileLLM
 
@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue from the weights and tokenizer already in --out")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
@@ -118,20 +119,25 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     tok_path = args.out / "tokenizer.model"
-    sp = train_tokenizer("\n".join(train_docs), DEFAULT_CONFIG.vocab_size, tok_path)
+    if args.resume:
+        sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    else:
+        sp = train_tokenizer("\n".join(train_docs), DEFAULT_CONFIG.vocab_size, tok_path)
     train_ids, eval_ids = encode_docs(sp, train_docs), encode_docs(sp, heldout_docs)
     print(f"tokens: {len(train_ids)} train, {len(eval_ids)} held out")
 
     model = MobileLLM(DEFAULT_CONFIG)
+    if args.resume:
+        model = load_checkpoint(args.out).model.requires_grad_(True).train()
     for name, p in model.named_parameters():
-        if p.ndim == 2:
+        if p.ndim == 2 and not args.resume:
             # Scaled init for residual outputs keeps a 16-application stack stable.
             std = 0.02 / math.sqrt(2 * DEFAULT_CONFIG.n_applied) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
             torch.nn.init.normal_(p, std=std)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     budget = args.minutes * 60
     start, step, tokens_seen = time.time(), 0, 0
-    warmup = 100
+    warmup = 10 if args.resume else 100
     while (elapsed := time.time() - start) < budget:
         frac = elapsed / budget
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -155,7 +161,8 @@ def main() -> None:
     uni = unigram_perplexity(train_ids, eval_ids, DEFAULT_CONFIG.vocab_size)
     save_checkpoint(model, args.out, "hf-safetensors", torch.float16)
     print(f"trained {step} steps on {tokens_seen} tokens in {time.time() - start:.0f}s")
-    print(f"held-out perplexity {ppl:.2f} (fp32 weights) vs unigram baseline {uni:.2f}")
+    shipped = perplexity(load_checkpoint(args.out).model, eval_ids, args.seq_len)
+    print(f"held-out perplexity {ppl:.2f} (fp32 weights), {shipped:.2f} (shipped fp16 weights) vs unigram baseline {uni:.2f}")
 
 
 if __name__ == "__main__":

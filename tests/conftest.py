@@ -55,8 +55,8 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the real console entry point in-process; returns (exit code, stdout, stderr)."""
+def invoke_cli(args: list[str]) -> int:
+    """Run the real console entry point in-process; returns its exit code."""
     import sys
 
     from mobilellm.exporter.cli import main
@@ -65,10 +65,15 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     sys.argv = ["mobilellm-export", *args]
     try:
         main()
-        code = 0
+        return 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = old
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """invoke_cli with captured output: (exit code, stdout, stderr)."""
+    code = invoke_cli(args)
     out = capsys.readouterr()
     return code, out.out, out.err

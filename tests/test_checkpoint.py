@@ -191,3 +191,6 @@ def test_cli_inspect(good_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 0, err
     assert "3 stored blocks, 3 applied" in out
     assert "4-bit" in out and "8-bit" in out and "16-bit" in out
+    # fused: one QKV and one gate/up linear per stored block; unfused: three and two
+    assert "fused         " in out and f"{3 * 4 + 1} linear" in out  # 3 blocks x (qkv, o, w13, w2) + output
+    assert f"{3 * 7 + 1} linear" in out
