@@ -31,6 +31,9 @@ class WeightQuant:
     scale_rule: ScaleRule = "torchao"
     scale_dtype: torch.dtype = torch.float32  # the dtype the runtime keeps scales in
     float_dtype: torch.dtype = torch.float32  # for bits == 16
+    # The runtime rounds this layer's *input* to symmetric int8 per block of `act_block` along the
+    # input dim (scale amax/127), e.g. onnxruntime MatMulNBits accuracy_level 4. None: not rounded.
+    act_block: int | None = None
 
     def qrange(self) -> tuple[int, int]:
         return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
@@ -78,6 +81,15 @@ def fake_quant_int8_per_token(x: Tensor) -> Tensor:
     return ((q - zero) * scale).to(x.dtype)
 
 
+def fake_quant_int8_blockwise(x: Tensor, block: int) -> Tensor:
+    """Symmetric int8 activation rounding per block of `block` along the last dim (amax/127)."""
+    x32 = x.float()
+    g = x32.reshape(*x32.shape[:-1], x32.shape[-1] // block, block)
+    scale = g.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.clamp(torch.round(g * inv), -127, 127) * scale).reshape(x32.shape).to(x.dtype)
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """How one target stores and computes: the twin follows it exactly."""
@@ -90,11 +102,13 @@ class QuantScheme:
 
 
 class _ActivationFakeQuant(nn.Module):
-    def __init__(self, linear: nn.Module) -> None:
+    def __init__(self, linear: nn.Module, block: int | None = None) -> None:
         super().__init__()
-        self.linear = linear
+        self.linear, self.block = linear, block
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.block is not None:
+            return self.linear(fake_quant_int8_blockwise(x, self.block))
         return self.linear(fake_quant_int8_per_token(x))
 
 
@@ -109,6 +123,8 @@ def fake_quantized_twin(model: ExportModel, scheme: QuantScheme) -> ExportModel:
                 child.weight.copy_(scheme.linear.fake(child.weight))
                 if scheme.int8_dynamic_activations:
                     setattr(block, name, _ActivationFakeQuant(child))
+                elif scheme.linear.act_block is not None:
+                    setattr(block, name, _ActivationFakeQuant(child, scheme.linear.act_block))
     emb = twin.tok_embeddings.weight
     if twin.output is None and scheme.output != scheme.embedding:
         # Separately stored output projection: its own rounding, its own tensor.
@@ -119,4 +135,6 @@ def fake_quantized_twin(model: ExportModel, scheme: QuantScheme) -> ExportModel:
     emb.copy_(scheme.embedding.fake(emb))
     if scheme.int8_dynamic_activations and twin.output is not None:
         twin.output = _ActivationFakeQuant(twin.output)
+    elif scheme.output.act_block is not None and twin.output is not None:
+        twin.output = _ActivationFakeQuant(twin.output, scheme.output.act_block)
     return twin.to(scheme.compute_dtype)

@@ -17,6 +17,16 @@ Why the graph is built directly (onnx.helper over the ExportModel's own tensors)
   onnxruntime's symmetric blockwise rule (signed value of largest magnitude -> -2^(b-1)); see
   `quant_scheme` for the two tie cases where onnxruntime's own quantizer differs.
 
+What the fused ops buy (125M-LS, 60 block applications, 4-bit, decode at past length 200, 1 thread,
+onnxruntime profiler; the shared 2-core machine was loaded, MatMulNBits time alone swung 66-195 ms
+between identical kernels, so only large differences are meaningful): non-MatMulNBits kernel time
+per token was 74 ms with GroupQueryAttention(do_rotary) + RMSNormalization/SkipSimplifiedLayerNorm
+(610 nodes), 92 ms with a separate RotaryEmbedding op (790 nodes), and 167-284 ms with MatMul/Softmax
+attention (2654-4104 nodes). GroupQueryAttention is the fusion that clearly pays; rotary inside it
+beats the RotaryEmbedding op; the norm fusion's gain was below the noise here. onnxruntime itself
+fuses x*Sigmoid(x) into QuickGelu. The default graph is therefore fully fused; `GraphOptions`
+emits the others for measurement and as a fallback.
+
 Graph I/O (onnxruntime-genai "decoder" layout, one KV pair per block *application*):
   input_ids int64 [batch, seq], attention_mask int64 [batch, total_seq], position_ids int64 [batch, seq],
   past_key_values.{i}.key/value float32 [batch, n_kv_heads, past_seq, head_dim]
@@ -28,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,10 +58,18 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 OPSET = 23  # RMSNormalization (the one norm without a residual) is a standard op from opset 23
 MS = "com.microsoft"
-# MatMulNBits accuracy_level: 0 = unset (fp32 compute on CPU, activations never rounded), 4 = int8
-# activations. Chosen by measurement (see the module report): level 4 rounds activations blockwise,
-# which the PyTorch twin cannot describe, and it flips near-tie tokens.
-DEFAULT_ACCURACY_LEVEL = 0
+# MatMulNBits accuracy_level, chosen by measurement (onnxruntime 1.32 CPU, 125M shapes, 1 thread):
+# level 4 rounds each MatMulNBits input to int8 per block of `group_size` (symmetric, amax/127) and
+# runs integer dot products; level 0 computes in float32 with activations untouched.
+# - 8-bit: level 0 has no optimized CPU kernel (it dequantizes the whole weight on every call:
+#   660 ms vs 9 ms for the 32000x576 output projection at M=1), so 8-bit always uses level 4.
+# - 4-bit: level 4 decodes 2.6x faster (38.6 vs 11-15 tok/s for random 125M weights) and its rounding
+#   is in the twin (`WeightQuant.act_block`). On the trained default model (heldout text, 320
+#   positions) it flipped 1 of 320 top-1 tokens vs the twin and left quality unchanged: top-1 vs fp32
+#   98.4% (level 0: 98.1%), perplexity 65.61 -> 65.83 (level 0: 65.85).
+#   GraphOptions(accuracy_level_4bit=0) gives the float32-activation model.
+DEFAULT_ACCURACY_LEVEL_4BIT = 4
+DEFAULT_ACCURACY_LEVEL_8BIT = 4
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -62,7 +80,11 @@ class GraphOptions:
     fused_norm: bool = True  # RMSNormalization + SkipSimplifiedLayerNormalization vs. Pow/ReduceMean/... + Add
     attention: Literal["gqa", "plain"] = "gqa"  # GroupQueryAttention vs. MatMul/Softmax with Concat caches
     rotary: Literal["in_attention", "op", "plain"] = "in_attention"  # GQA's do_rotary, RotaryEmbedding op, or Mul/Concat
-    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    accuracy_level_4bit: int = DEFAULT_ACCURACY_LEVEL_4BIT
+    accuracy_level_8bit: int = DEFAULT_ACCURACY_LEVEL_8BIT
+
+    def accuracy_level(self, bits: int) -> int:
+        return self.accuracy_level_4bit if bits == 4 else self.accuracy_level_8bit
 
     def __post_init__(self) -> None:
         if self.rotary == "in_attention" and self.attention != "gqa":
@@ -71,8 +93,8 @@ class GraphOptions:
             raise ValueError("rotary='plain' is only emitted with attention='plain'")
 
     @classmethod
-    def unfused(cls, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> "GraphOptions":
-        return cls(fused_norm=False, attention="plain", rotary="plain", accuracy_level=accuracy_level)
+    def unfused(cls, **accuracy: int) -> "GraphOptions":
+        return cls(fused_norm=False, attention="plain", rotary="plain", **accuracy)
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -85,23 +107,28 @@ def _check_opts(opts: TargetOptions) -> None:
         raise UserError(f"--group-size {opts.group_size} is not supported by MatMulNBits; use one of {', '.join(map(str, _BLOCK_SIZES))}")
 
 
-def _weight_quant(bits: int, group_size: int) -> WeightQuant:
+def _weight_quant(bits: int, group_size: int, accuracy_level: int = 0) -> WeightQuant:
     if bits >= 16:
         # Stored as float16 (half the file), cast to float32 once at session load: onnxruntime's CPU
         # kernels (MatMul, GroupQueryAttention, the norms) compute in float32, so activations stay fp32.
         return WeightQuant(16, float_dtype=torch.float16)
     # onnxruntime MatMulNBits symmetric: the signed value of largest magnitude maps to -2^(b-1)
     # (q in [-2^(b-1), 2^(b-1)-1], stored +2^(b-1) with the default zero point); fp32 scales
-    # (MatMulNBits' scales have the activation dtype).
-    return WeightQuant(bits, group_size, "signed_extreme", scale_dtype=torch.float32)
+    # (MatMulNBits' scales have the activation dtype). accuracy_level 4 also rounds the layer's input
+    # to symmetric int8 per block of `group_size` (measured: matches to 4e-7 relative).
+    act_block = group_size if accuracy_level == 4 else None
+    return WeightQuant(bits, group_size, "signed_extreme", scale_dtype=torch.float32, act_block=act_block)
 
 
-def quant_scheme(opts: TargetOptions) -> QuantScheme:
+def quant_scheme(opts: TargetOptions, graph: GraphOptions | None = None) -> QuantScheme:
     """Exactly how the exported model rounds.
 
     Linears: `opts.bits` (4/8: MatMulNBits blockwise symmetric, block `opts.group_size`, fp32 scales;
-    16: float16 storage, float32 compute). Embedding and output projection: the embedding bits (one
-    tensor when shared). Activations are never rounded (accuracy_level 0) and compute is float32.
+    16: float16 storage, float32 compute). Embedding and output projection: the embedding bits, one
+    tensor when shared (the embedding lookup never rounds activations; the output MatMulNBits does
+    when its accuracy_level is 4). Activations: every MatMulNBits at accuracy_level 4 rounds its
+    input to int8 per block (`WeightQuant.act_block`) unless `graph` says level 0; other compute
+    (attention, norms, residuals) is float32.
 
     The codes are produced by `WeightQuant.quantize` itself, so the artifact equals the twin. The
     scale rule is onnxruntime's (`range2scale` in MLAS `q4_dq.cpp`); its own quantizer differs only on
@@ -110,9 +137,12 @@ def quant_scheme(opts: TargetOptions) -> QuantScheme:
     4-bit codes and 5 of 884,736 8-bit codes differ on Gaussian weights).
     """
     _check_opts(opts)
-    linear = _weight_quant(opts.bits, opts.group_size)
-    emb = _weight_quant(opts.resolved_embedding_bits(), opts.group_size)
-    return QuantScheme(linear=linear, embedding=emb, output=emb, int8_dynamic_activations=False, compute_dtype=torch.float32)
+    graph = graph or GraphOptions()
+    emb_bits = opts.resolved_embedding_bits()
+    linear = _weight_quant(opts.bits, opts.group_size, graph.accuracy_level(opts.bits))
+    emb = _weight_quant(emb_bits, opts.group_size)
+    out = _weight_quant(emb_bits, opts.group_size, graph.accuracy_level(emb_bits))
+    return QuantScheme(linear=linear, embedding=emb, output=out, int8_dynamic_activations=False, compute_dtype=torch.float32)
 
 
 def pack_nbits(w: Tensor, wq: WeightQuant) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +221,7 @@ class _Weight:
 class _Builder:
     def __init__(self, model: ExportModel, opts: TargetOptions, graph: GraphOptions) -> None:
         self.m, self.cfg, self.opts, self.go = model, model.config, opts, graph
-        self.scheme = quant_scheme(opts)
+        self.scheme = quant_scheme(opts, graph)
         self.g = _Graph()
         self._weights: dict[int, _Weight] = {}  # storage data_ptr -> written weight
         self._norms: dict[int, str] = {}
@@ -202,10 +232,10 @@ class _Builder:
         key = tensor.untyped_storage().data_ptr()
         if key in self._weights:
             found = self._weights[key]
-            if found.wq != wq:
+            if replace(found.wq, act_block=None) != replace(wq, act_block=None):
                 raise AssertionError(f"{name} shared with {found.name} but rounded differently")
             return found
-        w = _Weight(name, wq, tuple(tensor.shape))  # type: ignore[arg-type]
+        w = _Weight(name, wq, tuple(tensor.shape))  # the first reader's WeightQuant: storage is the same  # type: ignore[arg-type]
         if wq.bits >= 16:
             w.f = self.g.init(name, tensor.detach().float().numpy().astype(np.float16), "weight")
         else:
@@ -235,7 +265,7 @@ class _Builder:
     def linear(self, x: str, w: _Weight) -> str:
         n, k = w.shape
         if w.wq.bits < 16:
-            return self.g.node("MatMulNBits", [x, w.q, w.s], domain=MS, K=k, N=n, bits=w.wq.bits, block_size=w.wq.group_size, accuracy_level=self.go.accuracy_level)
+            return self.g.node("MatMulNBits", [x, w.q, w.s], domain=MS, K=k, N=n, bits=w.wq.bits, block_size=w.wq.group_size, accuracy_level=self.go.accuracy_level(w.wq.bits))
         # x [B, S, K] @ W^T with W [N, K] stored once: Gemm(transB) on the flattened rows.
         g = self.g
         flat = g.node("Reshape", [x, g.const([-1, k])])
@@ -352,7 +382,7 @@ class _Builder:
             x, h = self.add_rms(self.linear(act, w["w2"]), h, nxt)
         if out_w.wq.bits < 16:
             g.node("MatMulNBits", [x, out_w.q, out_w.s], domain=MS, outputs=["logits"], K=out_w.shape[1], N=out_w.shape[0],
-                   bits=out_w.wq.bits, block_size=out_w.wq.group_size, accuracy_level=self.go.accuracy_level)
+                   bits=out_w.wq.bits, block_size=out_w.wq.group_size, accuracy_level=self.go.accuracy_level(out_w.wq.bits))
         else:
             g.node("Identity", [self.linear(x, out_w)], outputs=["logits"])
 
@@ -465,10 +495,10 @@ def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
     files = [MODEL_FILE, DATA_FILE]
     files += _write_genai_config(bundle_dir, cfg, opts, graph)
-    tok_files, tok_note = _write_tokenizer(bundle_dir, ckpt.tokenizer_path if ckpt is not None else None, cfg)
+    tok_files, tok_note = _write_tokenizer(bundle_dir, getattr(ckpt, "tokenizer_path", None), cfg)
     files += tok_files
 
-    scheme = quant_scheme(opts)
+    scheme = quant_scheme(opts, graph)
     mins = minimum_bytes(model, opts)
     file_bytes = {f: (bundle_dir / f).stat().st_size for f in (MODEL_FILE, DATA_FILE)}
     n_app = len(model.schedule)
@@ -496,8 +526,8 @@ def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir
         "quantization": {
             "linear": _describe(scheme.linear),
             "embedding": _describe(scheme.embedding),
-            "output": "shared with embedding (one tensor)" if model.output is None else _describe(scheme.output),
-            "activations": "float32 (MatMulNBits accuracy_level %d)" % graph.accuracy_level,
+            "output": {**_describe(scheme.output), "tensor": "the embedding's (shared, stored once)" if model.output is None else "lm_head"},
+            "accuracy_level": {"4bit": graph.accuracy_level_4bit, "8bit": graph.accuracy_level_8bit},
         },
         "initializers": {"count": inits["count"], "bytes": inits["bytes"], "duplicates": len(inits["duplicates"])},
         "file_bytes": file_bytes,
@@ -512,7 +542,11 @@ def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir
 def _describe(wq: WeightQuant) -> dict[str, Any]:
     if wq.bits >= 16:
         return {"bits": 16, "storage": "float16", "compute": "float32 (Cast folded at session load)"}
-    return {"bits": wq.bits, "op": "MatMulNBits", "block_size": wq.group_size, "symmetric": True, "scale_rule": wq.scale_rule, "scale_dtype": "float32", "zero_point": 1 << (wq.bits - 1)}
+    return {
+        "bits": wq.bits, "op": "MatMulNBits", "block_size": wq.group_size, "symmetric": True, "scale_rule": wq.scale_rule,
+        "scale_dtype": "float32", "zero_point": 1 << (wq.bits - 1),
+        "activations": f"int8 symmetric per {wq.act_block} (accuracy_level 4)" if wq.act_block else "float32 (accuracy_level 0)",
+    }
 
 
 def _write_genai_config(bundle_dir: Path, cfg: Any, opts: TargetOptions, graph: GraphOptions) -> list[str]:
@@ -561,39 +595,59 @@ def _write_tokenizer(bundle_dir: Path, tokenizer: Path | None, cfg: Any) -> tupl
     if tokenizer is None:
         return [], "no tokenizer in the checkpoint: onnxruntime-genai needs tokenizer.json next to the model"
     tokenizer = Path(tokenizer)
-    if tokenizer.name == "tokenizer.json":
+    if tokenizer.suffix == ".json":
         shutil.copy(tokenizer, bundle_dir / "tokenizer.json")
-        _tokenizer_config(bundle_dir, cfg)
-        return ["tokenizer.json", "tokenizer_config.json"], "copied tokenizer.json"
+        _tokenizer_config(bundle_dir, cfg, None)
+        return ["tokenizer.json", "tokenizer_config.json"], f"copied {tokenizer.name}"
     try:
-        from transformers import LlamaTokenizerFast
-    except Exception as exc:  # transformers is optional at export time
-        return [], f"tokenizer.json not written ({type(exc).__name__}: transformers unavailable); convert {tokenizer.name} with transformers' LlamaTokenizerFast"
-    try:
-        tok = LlamaTokenizerFast(vocab_file=str(tokenizer), legacy=False, add_bos_token=True, add_eos_token=False)
-        tok.backend_tokenizer.save(str(bundle_dir / "tokenizer.json"))
+        tok, pieces = spm_to_tokenizers(tokenizer)
+    except ImportError as exc:  # transformers/tokenizers are optional at export time
+        return [], f"tokenizer.json not written ({exc}); install transformers to convert {tokenizer.name}"
     except Exception as exc:
-        return [], f"tokenizer.json not written: conversion of {tokenizer.name} failed ({type(exc).__name__}: {str(exc)[:200]})"
-    _tokenizer_config(bundle_dir, cfg, tok)
-    return ["tokenizer.json", "tokenizer_config.json"], f"tokenizer.json converted from {tokenizer.name} (LlamaTokenizerFast)"
+        return [], f"tokenizer.json not written: converting {tokenizer.name} failed ({type(exc).__name__}: {str(exc)[:200]})"
+    tok.save(str(bundle_dir / "tokenizer.json"))
+    _tokenizer_config(bundle_dir, cfg, pieces)
+    return ["tokenizer.json", "tokenizer_config.json"], f"tokenizer.json converted from {tokenizer.name} (transformers SpmConverter, BOS template)"
 
 
-def _tokenizer_config(bundle_dir: Path, cfg: Any, tok: Any = None) -> None:
-    def piece(i: int, default: str) -> str:
-        try:
-            return tok.convert_ids_to_tokens(i) if tok is not None else default
-        except Exception:
-            return default
+def spm_to_tokenizers(path: Path) -> tuple[Any, dict[int, str]]:
+    """A `tokenizers.Tokenizer` that encodes like `SentencePieceProcessor.encode` with BOS prepended.
 
+    Uses transformers' `SpmConverter.build_tokenizer_from_spm_proto`, which follows the model's own
+    normalizer spec; unk/bos/eos are registered as special tokens so decoding can skip them."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, processors
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    if proto.trainer_spec.model_type == 2:  # BPE
+        vocab: Any = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    else:  # unigram
+        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    tok = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+    spec = proto.trainer_spec
+    ids = {"unk": spec.unk_id, "bos": spec.bos_id, "eos": spec.eos_id}
+    pieces = {i: proto.pieces[i].piece for i in ids.values() if 0 <= i < len(proto.pieces)}
+    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in sorted(pieces)])
+    if spec.bos_id in pieces:
+        bos = pieces[spec.bos_id]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)])
+    named = {name: pieces[i] for name, i in ids.items() if i in pieces}
+    return tok, named
+
+
+def _tokenizer_config(bundle_dir: Path, cfg: Any, pieces: dict[str, str] | None) -> None:
+    pieces = pieces or {}
     conf = {
         "tokenizer_class": "LlamaTokenizer",
-        "bos_token": piece(cfg.bos_id, "<s>"),
-        "eos_token": piece(cfg.eos_id, "</s>"),
-        "unk_token": piece(0, "<unk>"),
+        "bos_token": pieces.get("bos", "<s>"),
+        "eos_token": pieces.get("eos", "</s>"),
+        "unk_token": pieces.get("unk", "<unk>"),
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "legacy": False,
+        "legacy": True,
         "model_max_length": cfg.max_context,
     }
     (bundle_dir / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
@@ -603,15 +657,22 @@ def _tokenizer_config(bundle_dir: Path, cfg: Any, tok: Any = None) -> None:
 class OnnxRuntime:
     """onnxruntime CPU session behind the `TargetRuntime` interface; present -> past between calls."""
 
-    def __init__(self, model_path: Path, threads: int | None = None) -> None:
+    def __init__(self, model_path: Path, threads: int | None = None, spin: bool = False) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        # No spin-waiting between ops: on a shared or thermally limited CPU spinning threads steal
+        # the cores the next op needs (measured: large decode slowdowns on this 2-core machine).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         threads = threads if threads is not None else int(os.environ.get("MOBILELLM_ORT_THREADS", "0"))
         so.intra_op_num_threads = threads  # 0: onnxruntime's default (one per physical core)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # truncated/corrupt model.onnx or model.onnx.data, missing data file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise UserError(f"{model_path}: onnxruntime cannot load the model ({first}); the bundle is corrupt or incomplete, re-export it") from None
         names = [i.name for i in self.session.get_inputs()]
         self.n_pairs = sum(1 for n in names if n.startswith("past_key_values.") and n.endswith(".key"))
         past = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
@@ -646,13 +707,13 @@ class OnnxRuntime:
 
 
 def open_runtime(bundle_dir: Path, manifest: dict[str, Any] | None = None, threads: int | None = None) -> OnnxRuntime:
+    """An onnxruntime CPU session over the bundle's model (`manifest["artifact"]`, else model.onnx).
+
+    threads: intra-op threads (None: `manifest["threads"]`, else $MOBILELLM_ORT_THREADS, else
+    onnxruntime's default of one per physical core)."""
     manifest = manifest or {}
-    model_file = MODEL_FILE
-    entry = manifest.get("targets", {}).get(NAME) if isinstance(manifest.get("targets"), dict) else None
-    if isinstance(entry, dict) and entry.get("files"):
-        model_file = entry["files"][0]
-    elif manifest.get("files"):
-        model_file = manifest["files"][0]
+    artifact = manifest.get("artifact")
+    model_file = artifact if isinstance(artifact, str) and artifact else MODEL_FILE
     path = Path(bundle_dir) / model_file
     if not path.is_file():
         raise UserError(f"{path}: ONNX model not found; re-run the export with --target onnx")
