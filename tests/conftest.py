@@ -77,3 +77,32 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     code = invoke_cli(args)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+DEFAULT_BUNDLE_TARGETS = ("executorch", "onnx", "coreml")
+
+
+@pytest.fixture(scope="session")
+def default_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The embedded default model exported to every target at 4 bits through the real CLI, once per
+    test run: xdist workers share it through a file lock in the run's common temp dir."""
+    import json
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "default-bundles"
+    with FileLock(str(shared / "default-bundles.lock")):
+        done = out / "done.json"
+        if not done.is_file():
+            if (out / "failed.txt").is_file():
+                pytest.fail((out / "failed.txt").read_text(), pytrace=False)
+            out.mkdir(exist_ok=True)
+            code = invoke_cli(["--target", "all", "--bits", "4", "--output", str(out), "--max-seq-len", "256"])
+            if code != 0:
+                message = f"`mobilellm-export --target all --bits 4` on the default model exited {code}"
+                (out / "failed.txt").write_text(message)
+                pytest.fail(message, pytrace=False)
+            done.write_text(json.dumps({t: str(out / f"default-{t}-4bit") for t in DEFAULT_BUNDLE_TARGETS}))
+        return {t: Path(p) for t, p in json.loads(done.read_text()).items()}

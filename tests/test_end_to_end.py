@@ -16,18 +16,15 @@ from mobilellm.exporter.bundle import MANIFEST
 from mobilellm.exporter.checkpoint import load_checkpoint, save_checkpoint
 from mobilellm.validation.reports import SCHEMA_PATH
 
-from conftest import invoke_cli, run_cli
+from conftest import run_cli
 
 MANIFEST_SCHEMA = Path(__file__).resolve().parents[1] / "exporter" / "schemas" / "manifest.schema.json"
 TARGETS = ["executorch", "onnx", "coreml"]
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The embedded default model exported to every target at 4 bits, through the real CLI."""
-    out = tmp_path_factory.mktemp("dist")
-    assert invoke_cli(["--target", "all", "--bits", "4", "--output", str(out), "--max-seq-len", "256"]) == 0
-    return {t: out / f"default-{t}-4bit" for t in TARGETS}
+@pytest.fixture
+def bundles(default_bundles: dict[str, Path]) -> dict[str, Path]:
+    return default_bundles
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -1,0 +1,5 @@
+package org.pytorch.executorch.extension.llm;
+public interface LlmCallback {
+  void onResult(String result);
+  default void onStats(String stats) {}
+}
