@@ -18,6 +18,9 @@ bench: $(STAMP)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# kotlinc compiles and tests the Android demo's platform-free Kotlin (Debian's kotlin package).
+	command -v kotlinc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kotlin >/dev/null; } || \
+		echo "warning: could not install kotlin (apt-get install kotlin); the Android demo test will fail"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

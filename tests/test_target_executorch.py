@@ -24,6 +24,14 @@ from conftest import default_model_dir, random_model, tiny_config
 
 MAX_SEQ = 64
 VOCAB = 2048  # the embedded default tokenizer's vocabulary, so the stock runner can use it
+# Parity runs on conftest's TINY widths (dim 64). With N(0, 0.08) weights a wider random model is
+# chaotic (each linear has gain ~0.08*sqrt(width) > 1), so the rare int8 activation-code flips that
+# XNNPACK's float ordering causes get amplified into many near-tie top-1 flips (measured at dim 384:
+# 96.3% raw top-1 over 160 positions, 100% on the non-tie positions).
+SMALL = dict(n_layers=2, vocab_size=VOCAB)
+# The sharing-size check uses wider layers so the weights, not the per-partition XNNPACK graph headers
+# (a few KB each; an unrolled shared block adds partitions), dominate the .pte as in a real model.
+WIDE = dict(dim=384, n_heads=6, n_kv_heads=2, ffn_dim=1024, n_layers=2, vocab_size=VOCAB)
 PREFILL, TOTAL = 24, 40  # 24-token prefill + 16 decode steps
 
 
@@ -31,8 +39,8 @@ def _tokenizer() -> Path:
     return default_model_dir() / "tokenizer.model"
 
 
-def _export(tmp_path_factory: pytest.TempPathFactory, sharing: str, opts: TargetOptions, name: str):
-    cfg = tiny_config(vocab_size=VOCAB, n_layers=2, sharing=sharing)
+def _export(tmp_path_factory: pytest.TempPathFactory, sharing: str, opts: TargetOptions, name: str, dims: dict = SMALL):
+    cfg = tiny_config(**dims, sharing=sharing)
     ref = random_model(cfg)
     model = ExportModel.from_reference(ref, ExportSettings(max_seq_len=opts.max_seq_len))
     bundle = tmp_path_factory.mktemp(name)
@@ -51,24 +59,18 @@ def q4(tmp_path_factory):
     return (*_export(tmp_path_factory, "none", opts, "et_q4"), opts)
 
 
-@pytest.fixture(scope="module")
-def q4_shared(tmp_path_factory):
-    opts = TargetOptions(bits=4, group_size=32, max_seq_len=MAX_SEQ)
-    return (*_export(tmp_path_factory, "immediate", opts, "et_q4_ls"), opts)
-
-
+# fp32 exports lower ~4x faster than quantized ones, so the sharing comparison is made at --bits 16
+# (the dedupe mechanism, XNNPACK's content-hash-keyed named data, is the same at every bit width).
 @pytest.fixture(scope="module")
 def f32(tmp_path_factory):
     opts = TargetOptions(bits=16, max_seq_len=MAX_SEQ)
-    return (*_export(tmp_path_factory, "none", opts, "et_f32"), opts)
+    return (*_export(tmp_path_factory, "none", opts, "et_f32", WIDE), opts)
 
 
-def _runs(model, bundle, opts, tokens):
-    rt = et.open_runtime(bundle, {"files": ["model.pte"]})
-    pte = run_runtime(rt, tokens, PREFILL)
-    twin = run_runtime(TorchRuntime(et.fake_quantized_twin(model, opts)), tokens, PREFILL)
-    ref = run_runtime(TorchRuntime(model), tokens, PREFILL)
-    return pte, twin, ref
+@pytest.fixture(scope="module")
+def f32_shared(tmp_path_factory):
+    opts = TargetOptions(bits=16, max_seq_len=MAX_SEQ)
+    return (*_export(tmp_path_factory, "immediate", opts, "et_f32_ls", WIDE), opts)
 
 
 # ----------------------------------------------------------------------------- rounding rules
@@ -102,27 +104,56 @@ def test_quant_scheme_describes_the_runtime():
 def test_group_size_that_does_not_divide_a_width_is_refused(tmp_path):
     cfg = tiny_config(vocab_size=VOCAB)  # dim 64, ffn 96
     model = ExportModel.from_reference(random_model(cfg), ExportSettings(max_seq_len=MAX_SEQ))
-    with pytest.raises(UserError, match=r"--group-size 64 does not divide the input width 96"):
+    with pytest.raises(UserError, match=r"--group-size 64 does not divide the input width 96 "):
         et.export(model, None, TargetOptions(bits=4, group_size=64, max_seq_len=MAX_SEQ), tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match=r"--group-size 48 does not divide the input width 64 "):
+        et.export(model, None, TargetOptions(bits=4, group_size=48, max_seq_len=MAX_SEQ), tmp_path)  # type: ignore[arg-type]
+    # 8-bit weights with 8-bit embeddings are per-channel: no group size involved
+    et.check_group_size(cfg, TargetOptions(bits=8, group_size=64))
     assert not (tmp_path / "model.pte").exists()
 
 
 # ----------------------------------------------------------------------------- 4-bit parity
 def test_q4_pte_matches_twin_and_quant_error_is_the_twins(q4):
+    """Lowering error (pte vs twin) and quantization error (pte vs fp32 reference), 4 sequences x
+    (24-token prefill + 16 decode steps) = 160 positions.
+
+    XNNPACK's float ordering (RMSNorm, attention, accumulation) differs from PyTorch's by ~1e-6; once
+    in a while that moves an int8 activation code across a rounding boundary, a discrete ~0.1 logit
+    change. Where the twin's top-2 logits are closer than that, top-1 can flip. So: >= 99% top-1 on
+    the positions that are not such near-ties (top-1 margin above the measured max |pte - twin|),
+    >= 97% on all positions, and every disagreement must be a near tie.
+    """
     model, bundle, art, opts = q4
-    tokens = _tokens()
-    pte, twin, ref = _runs(model, bundle, opts, tokens)
-    lowering = compare_logits(pte, twin)
-    assert lowering["top1_agreement"] >= 0.99, lowering
-    assert lowering["cosine"] > 0.9999, lowering
-    # quantization error: the artifact is no worse than the twin (small slack for the fp rounding
-    # differences XNNPACK's kernels add on top of the twin)
-    pte_vs_ref, twin_vs_ref = compare_logits(pte, ref), compare_logits(twin, ref)
-    assert pte_vs_ref["top1_agreement"] >= twin_vs_ref["top1_agreement"] - 1 / len(tokens)
-    targets = tokens[1:]
-    ppl_ref, ppl_twin, ppl_pte = (perplexity(x[:-1], targets) for x in (ref, twin, pte))
-    assert abs(ppl_pte - ppl_ref) <= abs(ppl_twin - ppl_ref) * 1.05 + 1e-3 * ppl_ref
-    print(f"\nq4: pte~twin {lowering}\npte~ref {pte_vs_ref}\ntwin~ref {twin_vs_ref}\nppl ref {ppl_ref:.3f} twin {ppl_twin:.3f} pte {ppl_pte:.3f}")
+    rt = et.open_runtime(bundle, {"artifact": "model.pte"})
+    twin_rt, ref_rt = TorchRuntime(et.fake_quantized_twin(model, opts)), TorchRuntime(model)
+    pte, twin, ref, targets = [], [], [], []
+    for seed in range(4):
+        tokens = _tokens(seed=seed)
+        pte.append(run_runtime(rt, tokens, PREFILL))
+        twin.append(run_runtime(twin_rt, tokens, PREFILL))
+        ref.append(run_runtime(ref_rt, tokens, PREFILL))
+        targets.append(tokens[1:])
+    lowering = compare_logits(np.concatenate(pte), np.concatenate(twin))
+    P, T, R = np.concatenate(pte), np.concatenate(twin), np.concatenate(ref)
+    top2 = np.sort(T, -1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    noise = float(np.abs(P - T).max())
+    agree = P.argmax(-1) == T.argmax(-1)
+    clear = margin > noise
+    print(f"\nq4 pte~twin: {lowering}\n  non-tie positions {int(clear.sum())}/{len(clear)}, top-1 there {agree[clear].mean():.4f}; "
+          f"disagreements {int((~agree).sum())} with twin margins {np.round(margin[~agree], 4).tolist()}")
+    assert agree[clear].mean() >= 0.99
+    assert lowering["top1_agreement"] >= 0.97, lowering
+    assert np.all(margin[~agree] <= noise)
+    assert lowering["cosine"] > 0.9999 and lowering["kl_divergence"] < 1e-3, lowering
+    # quantization error: the artifact's is the twin's (no worse beyond the lowering noise above)
+    pte_vs_ref, twin_vs_ref = compare_logits(P, R), compare_logits(T, R)
+    assert pte_vs_ref["top1_agreement"] >= twin_vs_ref["top1_agreement"] - (1 - lowering["top1_agreement"])
+    ppl = {name: float(np.mean([perplexity(x[:-1], t) for x, t in zip(xs, targets)])) for name, xs in (("ref", ref), ("twin", twin), ("pte", pte))}
+    assert abs(ppl["pte"] - ppl["ref"]) <= abs(ppl["twin"] - ppl["ref"]) * 1.05 + 1e-3 * ppl["ref"], ppl
+    print(f"  pte~ref top-1 {pte_vs_ref['top1_agreement']:.4f} kl {pte_vs_ref['kl_divergence']:.4f}; twin~ref top-1 "
+          f"{twin_vs_ref['top1_agreement']:.4f} kl {twin_vs_ref['kl_divergence']:.4f}; perplexity {ppl}")
 
 
 def test_q4_artifact_metadata_and_sizes(q4):
@@ -143,46 +174,53 @@ def test_q4_artifact_metadata_and_sizes(q4):
 
 
 def test_stock_runner_generates_from_the_pte(q4):
+    """The stock C++ TextLLMRunner loads the .pte + SentencePiece tokenizer and its greedy tokens are
+    exactly greedy decoding of the same .pte through executorch.runtime."""
     model, bundle, art, opts = q4
     tok = _tokenizer()
     if not tok.is_file():
         pytest.skip("default tokenizer asset missing")
-    text = et.generate_with_runner(bundle, tok, "Once upon a time", max_new_tokens=8)
-    assert isinstance(text, str) and len(text) > 0
-    # greedy decoding from the runner equals greedy decoding through executorch.runtime
+    pieces: list[str] = []
+    text = et.generate_with_runner(bundle, tok, "Once upon a time", max_new_tokens=8, on_piece=pieces.append)
+    assert text == "".join(pieces) and len(pieces) == 8
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     prompt = [sp.bos_id(), *sp.encode("Once upon a time")]
     rt = et.open_runtime(bundle, {})
-    rt.reset()
-    logits = rt.forward(np.array(prompt), 0)
-    ids, pos = [int(logits[-1].argmax())], len(prompt)
+    ids, pos = [int(rt.forward(np.array(prompt), 0)[-1].argmax())], len(prompt)
     while len(ids) < 8 and ids[-1] != sp.eos_id():
         ids.append(int(rt.forward(np.array([ids[-1]]), pos)[-1].argmax()))
         pos += 1
-    assert text.strip() == sp.decode(ids).strip() or sp.decode(ids).startswith(text.strip()[:8])
+    # the runner streams each token's piece ("▁" as a space, byte pieces verbatim)
+    assert pieces == [sp.id_to_piece(i).replace("▁", " ") for i in ids]
 
 
 # ----------------------------------------------------------------------------- layer sharing
-def test_immediate_sharing_pte_stores_weights_once(q4, q4_shared):
-    _, _, art, _ = q4
-    model_ls, bundle_ls, art_ls, opts = q4_shared
+def test_immediate_sharing_pte_stores_weights_once(f32, f32_shared):
+    """Immediate sharing (0,0,1,1) runs each block twice: same stored weights, so the .pte may grow
+    only by graph (not weights); and the unrolled shared program still equals the reference."""
+    _, _, art, _ = f32
+    model_ls, bundle_ls, art_ls, opts = f32_shared
     plain, shared = art.info["pte_bytes"], art_ls.info["pte_bytes"]
+    print(f"\nsharing: plain {plain} B, immediate-shared {shared} B (+{(shared / plain - 1) * 100:.2f}%)")
     assert shared <= plain * 1.02, (plain, shared)
     tokens = _tokens(seed=5)
-    pte, twin, _ = _runs(model_ls, bundle_ls, opts, tokens)
-    assert compare_logits(pte, twin)["top1_agreement"] >= 0.99
+    pte = run_runtime(et.open_runtime(bundle_ls, {}), tokens, PREFILL)
+    ref = run_runtime(TorchRuntime(model_ls), tokens, PREFILL)
+    m = compare_logits(pte, ref)
+    assert m["top1_agreement"] == 1.0 and m["max_abs"] < 1e-3, m
 
 
 # ----------------------------------------------------------------------------- 16 bits = reference
 def test_f32_pte_equals_reference(f32):
     model, bundle, art, opts = f32
     tokens = _tokens()
-    rt = et.open_runtime(bundle, {"files": ["model.pte"]})
+    rt = et.open_runtime(bundle, {"artifact": "model.pte"})
     pte = run_runtime(rt, tokens, PREFILL)
     ref = run_runtime(TorchRuntime(model), tokens, PREFILL)
     m = compare_logits(pte, ref)
+    print(f"\nf32 pte~ref: {m}; info: { {k: art.info[k] for k in ('pte_bytes', 'minimum_bytes', 'embedding_table_copies_in_pte', 'embedding_stored_once', 'extra_bytes_for_output_projection')} }")
     assert m["top1_agreement"] == 1.0, m
     assert m["max_abs"] < 1e-3, m
     # a fresh reset really restarts the cache

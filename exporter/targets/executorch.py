@@ -1,0 +1,493 @@
+"""ExecuTorch target: one `model.pte` that ExecuTorch's stock LLM runner (Android/iOS) runs as is.
+
+Lowering: torch.export (dynamic prefill length 1..max_seq_len-1, KV cache as mutable buffers) ->
+`to_edge_transform_and_lower(XnnpackPartitioner)` -> `to_executorch`, with the metadata methods the
+stock `TextLLMRunner` reads (`get_max_seq_len`, `get_bos_id`, `get_eos_ids`, ...).
+
+Precision (`--bits`):
+- 4: torchao `Int8DynamicActivationIntxWeightConfig(int4, PerGroup(group_size))` on every linear,
+  the output projection included ("8da4w"): int8 dynamic per-token asymmetric activations, int4
+  symmetric group-wise weights. XNNPACK stores the group scales as bf16 (the twin rounds them so).
+- 8: the same config with int8 per-output-channel weights ("8da8w"), fp32 scales.
+- 16: fp32 weights and fp32 compute. XNNPACK's fp16 GEMMs are not exercised on the x86 validation
+  host the way a phone runs them, and fp32 makes the artifact checkable bit-for-bit against the
+  reference; so --bits 16 means "reference precision" (4 bytes a weight), not fp16 storage.
+- Embedding table: `IntxWeightOnlyConfig` int8 per row (default), int4 group-wise (`--embedding-bits
+  4`) or fp32 (16); ExecuTorch's quant-fusion pass turns it into `quantized_decomposed::embedding_byte`
+  / `embedding_4bit` (portable kernels).
+
+The twin (`fake_quantized_twin` here) replicates torchao's weight rounding (q = round(w * (1/scale)),
+scale = amax / ((qmax - qmin) / 2) clamped to the smallest normal float) and XNNPACK's runtime
+per-token activation quantization (inverse scale 255 / (max - min), nudged zero point), which the
+generic `quantize.fake_quantized_twin` cannot express exactly (it divides by the scale, uses a
+different eps, and cannot give an output projection that shares the embedding's rounding its own
+activation quantization).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoint import Checkpoint
+from ..errors import UserError
+from ..export_model import ExportModel, rms_norm
+from ..model import apply_rope
+from ..quantize import QuantScheme, WeightQuant
+from .base import ExportedArtifact, TargetOptions
+
+NAME = "executorch"
+PTE_NAME = "model.pte"
+
+# Attention through llama::update_cache + llama::custom_sdpa (kernels registered in the pip runtime
+# and in the TextLLMRunner binding). Measured decode tok/s, 4-bit, 125M widths (dim 576, 9/3 heads,
+# ffn 1536, vocab 32000) with 4 layers, max_seq_len 512, best of 4 on a loaded 2-core x86 box:
+# custom ops 205 / 182 / 232 at context 32 / 128 / 384 vs plain graph 85 / 30 / 19 (the plain graph
+# repeats K/V for GQA and attends over the whole cache every step); prefill about equal.
+# MOBILELLM_ET_CUSTOM_OPS=0/1 forces a path (export(..., custom_ops=) overrides both).
+_CUSTOM_OPS_ENV = "MOBILELLM_ET_CUSTOM_OPS"
+DEFAULT_CUSTOM_OPS = True
+
+
+# ============================================================================ quantization scheme
+def _check_bits(opts: TargetOptions) -> None:
+    if opts.bits not in (4, 8, 16):
+        raise UserError(f"--bits must be 4, 8 or 16 for the executorch target, got {opts.bits}")
+    if opts.resolved_embedding_bits() not in (4, 8, 16):
+        raise UserError(f"--embedding-bits must be 4, 8 or 16, got {opts.resolved_embedding_bits()}")
+
+
+def _linear_widths(model_cfg: Any) -> dict[str, int]:
+    """Input width of every quantized linear (the group size must divide each)."""
+    return {
+        "attention q/k/v and o projections, feed-forward gate/up, output projection (hidden size)": model_cfg.dim,
+        "feed-forward down projection (ffn width)": model_cfg.ffn_dim,
+    }
+
+
+def check_group_size(model_cfg: Any, opts: TargetOptions) -> None:
+    """Refuse a group size that would leave a layer unquantized (torchao would silently skip it)."""
+    uses_groups = opts.bits == 4 or opts.resolved_embedding_bits() == 4
+    if not uses_groups:
+        return
+    g = opts.group_size
+    if g <= 0:
+        raise UserError(f"--group-size must be positive, got {g}")
+    for layer, width in _linear_widths(model_cfg).items():
+        if width % g:
+            divisors = [d for d in (256, 128, 64, 32, 16) if model_cfg.dim % d == 0 and model_cfg.ffn_dim % d == 0]
+            raise UserError(
+                f"--group-size {g} does not divide the input width {width} of the {layer}; "
+                f"use a divisor of every width (e.g. {divisors[0] if divisors else 'a smaller power of two'})"
+            )
+
+
+def _separate_output(opts: TargetOptions) -> bool:
+    """Whether a shared embedding's output projection is its own (differently rounded) weight: always
+    except fp32 linears over an fp32 table, where both read the one fp32 tensor."""
+    return opts.bits != 16 or opts.resolved_embedding_bits() != 16
+
+
+def _embedding_quant(opts: TargetOptions) -> WeightQuant:
+    bits = opts.resolved_embedding_bits()
+    if bits == 16:
+        return WeightQuant(16, float_dtype=torch.float32)
+    # embedding_byte / embedding_4bit keep fp32 scales; 8-bit is one scale per row.
+    return WeightQuant(bits, group_size=opts.group_size if bits == 4 else None, scale_rule="torchao", scale_dtype=torch.float32)
+
+
+def quant_scheme(opts: TargetOptions) -> QuantScheme:
+    _check_bits(opts)
+    if opts.bits == 16:
+        linear = WeightQuant(16, float_dtype=torch.float32)
+        act = False
+    elif opts.bits == 8:
+        linear = WeightQuant(8, group_size=None, scale_rule="torchao", scale_dtype=torch.float32)
+        act = True
+    else:
+        # XNNPACK serializes per-channel-group scales as bf16 (node_visitor.get_quant_params).
+        linear = WeightQuant(4, group_size=opts.group_size, scale_rule="torchao", scale_dtype=torch.bfloat16)
+        act = True
+    # The output projection is a separately stored linear quantized like the others (see _separate_output).
+    return QuantScheme(linear=linear, embedding=_embedding_quant(opts), output=linear, int8_dynamic_activations=act)
+
+
+# ============================================================================ exact rounding (the twin)
+def torchao_quantize(w: Tensor, wq: WeightQuant) -> tuple[Tensor, Tensor]:
+    """Codes [rows, cols] and scales [rows, groups] exactly as torchao's affine SYMMETRIC path makes them
+    (scales already rounded to `wq.scale_dtype`, as the runtime stores them)."""
+    rows, cols = w.shape
+    group = wq.group_size or cols
+    g = w.float().reshape(rows, cols // group, group)
+    qmin, qmax = wq.qrange()
+    amax = torch.maximum(-g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0))
+    scale = (amax / (float(qmax - qmin) / 2)).clamp(min=torch.finfo(torch.float32).smallest_normal)
+    q = torch.clamp(torch.round(g * (1.0 / scale)), qmin, qmax)
+    return q.reshape(rows, cols).to(torch.int8), scale.to(wq.scale_dtype).float().squeeze(-1)
+
+
+def fake_weight(w: Tensor, wq: WeightQuant) -> Tensor:
+    if wq.bits >= 16:
+        return w.to(wq.float_dtype).to(w.dtype)
+    q, scale = torchao_quantize(w, wq)
+    rows, cols = w.shape
+    group = wq.group_size or cols
+    return (q.float().reshape(rows, cols // group, group) * scale.unsqueeze(-1)).reshape(rows, cols).to(w.dtype)
+
+
+def xnnpack_fake_quant_int8_per_token(x: Tensor) -> Tensor:
+    """XNNPACK's dynamic qd8 quantization (xnn_f32_qd8_asymmetric_quantization_params + convert):
+    inverse scale 255 / (max(0, max) - min(0, min)), zero point nudged from the side with less error,
+    q = clamp(rint(x * inv_scale) + zp), dequantized as (q - zp) / inv_scale."""
+    x32 = x.float()
+    rmin = x32.amin(-1, keepdim=True).clamp(max=0)
+    rmax = x32.amax(-1, keepdim=True).clamp(min=0)
+    same = rmin == rmax
+    inv = torch.where(same, torch.ones_like(rmin), 255.0 / torch.where(same, torch.ones_like(rmin), rmax - rmin))
+    lo, hi = rmin * inv, rmax * inv
+    zp = torch.where((-128.0 + lo) + (127.0 + hi) > 0, -128.0 - lo, 127.0 - hi).clamp(-128, 127).round()
+    q = torch.clamp(torch.round(x32 * inv) + zp, -128, 127)
+    return ((q - zp) * (1.0 / inv)).to(x.dtype)
+
+
+class _ActQuantLinear(nn.Module):
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(xnnpack_fake_quant_int8_per_token(x))
+
+
+@torch.no_grad()
+def fake_quantized_twin(model: ExportModel, opts: TargetOptions) -> ExportModel:
+    """The ExportModel rounded exactly as the .pte computes it (weights by torchao's rule with the
+    runtime's scale dtype, activations by XNNPACK's qd8 rule). Shared blocks stay shared."""
+    scheme = quant_scheme(opts)
+    twin = copy.deepcopy(model)
+    for block in twin.blocks:
+        for name, child in list(block.named_children()):
+            if isinstance(child, nn.Linear):
+                child.weight = nn.Parameter(fake_weight(child.weight, scheme.linear), requires_grad=False)
+                if scheme.int8_dynamic_activations:
+                    setattr(block, name, _ActQuantLinear(child))
+    emb = twin.tok_embeddings.weight
+    out_w = twin.output.weight if twin.output is not None else emb
+    if _separate_output(opts) or twin.output is not None:
+        out = nn.Linear(emb.shape[1], emb.shape[0], bias=False)
+        out.weight = nn.Parameter(fake_weight(out_w, scheme.output), requires_grad=False)
+        twin.output = _ActQuantLinear(out) if scheme.int8_dynamic_activations else out  # type: ignore[assignment]
+    twin.tok_embeddings.weight = nn.Parameter(fake_weight(emb, scheme.embedding), requires_grad=False)
+    return twin
+
+
+# ============================================================================ custom-op attention
+class _CustomOpModel(nn.Module):
+    """Same weights as the ExportModel, attention through `llama::update_cache` + `llama::custom_sdpa`
+    (caches laid out [1, max_seq_len, n_kv_heads, head_dim]; GQA handled inside the kernel, no repeat)."""
+
+    def __init__(self, model: ExportModel) -> None:
+        super().__init__()
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers torch.ops.llama)
+
+        self.m = model
+        cfg, s = model.config, model.settings
+        self.n_caches = len(model.schedule)
+        for i in range(self.n_caches):
+            shape = (1, s.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=s.dtype), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=s.dtype), persistent=False)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        m, cfg = self.m, self.m.config
+        seqlen = tokens.shape[1]
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + seqlen <= m.settings.max_seq_len)
+        cos = m.rope_cos.narrow(0, start, seqlen).unsqueeze(1)  # [S, 1, D] broadcasts over heads
+        sin = m.rope_sin.narrow(0, start, seqlen).unsqueeze(1)
+        h = m.tok_embeddings(tokens)
+        for i, bi in enumerate(m.schedule):
+            blk = m.blocks[bi]
+            q, k, v = blk.qkv(rms_norm(h, blk.attention_norm, cfg.norm_eps))
+            q = apply_rope(q.view(1, seqlen, cfg.n_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(k.view(1, seqlen, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+            v = v.view(1, seqlen, cfg.n_kv_heads, cfg.head_dim)
+            kc, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            torch.ops.llama.update_cache(k, kc, start)
+            torch.ops.llama.update_cache(v, vc, start)
+            attn = torch.ops.llama.custom_sdpa(q, kc, vc, start, None, 0, True)
+            h = h + blk.wo(attn.reshape(1, seqlen, cfg.dim))
+            gate, up = blk.gate_up(rms_norm(h, blk.ffn_norm, cfg.norm_eps))
+            h = h + blk.w2(F.silu(gate) * up)
+        return m.project(rms_norm(h, m.norm, cfg.norm_eps))
+
+
+def _use_custom_ops(override: bool | None) -> bool:
+    if override is not None:
+        return override
+    env = os.environ.get(_CUSTOM_OPS_ENV)
+    return DEFAULT_CUSTOM_OPS if env is None else env not in ("0", "false", "no")
+
+
+# ============================================================================ export
+def _metadata(ckpt_cfg: Any, opts: TargetOptions, custom_ops: bool) -> dict[str, Any]:
+    return {
+        "get_max_seq_len": opts.max_seq_len,
+        "get_max_context_len": opts.max_seq_len,
+        "get_bos_id": ckpt_cfg.bos_id,
+        "get_eos_ids": [ckpt_cfg.eos_id],
+        "get_vocab_size": ckpt_cfg.vocab_size,
+        "get_n_layers": ckpt_cfg.n_applied,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": custom_ops,
+        "enable_dynamic_shape": True,
+    }
+
+
+def _quantize_for_export(model: ExportModel, opts: TargetOptions) -> ExportModel:
+    """A copy with torchao tensor subclasses in place; the output projection becomes its own linear
+    (quantized like every linear) unless --bits 16."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    m = copy.deepcopy(model)
+    if _separate_output(opts) and m.output is None:
+        m.output = nn.Linear(m.config.dim, m.config.vocab_size, bias=False)
+        m.output.weight = nn.Parameter(m.tok_embeddings.weight.detach().clone(), requires_grad=False)
+    eb = opts.resolved_embedding_bits()
+    if eb != 16:
+        gran = PerAxis(0) if eb == 8 else PerGroup(opts.group_size)
+        cfg = IntxWeightOnlyConfig(weight_dtype=torch.int8 if eb == 8 else torch.int4, granularity=gran)
+        quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, nn.Embedding))
+    if opts.bits != 16:
+        gran = PerAxis(0) if opts.bits == 8 else PerGroup(opts.group_size)
+        cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8 if opts.bits == 8 else torch.int4, weight_granularity=gran)
+        quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
+    return m
+
+
+def lower_to_pte(model: ExportModel, opts: TargetOptions, metadata: dict[str, Any], custom_ops: bool) -> tuple[bytes, dict[str, float]]:
+    """The .pte bytes and the seconds each phase took."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    qm = _quantize_for_export(model, opts)
+    module: nn.Module = _CustomOpModel(qm) if custom_ops else qm
+    times["quantize"] = time.perf_counter() - t
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        t = time.perf_counter()
+        ep = torch.export.export(module, qm.example_inputs(), dynamic_shapes=qm.dynamic_shapes(), strict=False)
+        times["torch_export"] = time.perf_counter() - t
+        t = time.perf_counter()
+        edge = to_edge_transform_and_lower(
+            ep,
+            partitioner=[XnnpackPartitioner()],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+            constant_methods=metadata,
+        )
+        times["to_edge_transform_and_lower"] = time.perf_counter() - t
+        t = time.perf_counter()
+        prog = edge.to_executorch(
+            ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                do_quant_fusion_and_const_prop=True,
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+            )
+        )
+        buf = prog.buffer
+        times["to_executorch"] = time.perf_counter() - t
+    return buf, {k: round(v, 1) for k, v in times.items()}
+
+
+def _weight_bytes(rows: int, cols: int, wq: WeightQuant) -> int:
+    if wq.bits >= 16:
+        return rows * cols * torch.tensor([], dtype=wq.float_dtype).element_size()
+    groups = cols // (wq.group_size or cols)
+    return rows * cols * wq.bits // 8 + rows * groups * torch.tensor([], dtype=wq.scale_dtype).element_size()
+
+
+def minimum_bytes(cfg: Any, opts: TargetOptions) -> dict[str, int]:
+    """Bytes the stored weights need at their bit widths, each unique tensor once."""
+    s = quant_scheme(opts)
+    d, kv, ffn, v = cfg.dim, cfg.kv_dim, cfg.ffn_dim, cfg.vocab_size
+    block = (
+        _weight_bytes(d + 2 * kv, d, s.linear) + _weight_bytes(d, d, s.linear)
+        + _weight_bytes(2 * ffn, d, s.linear) + _weight_bytes(d, ffn, s.linear) + 2 * d * 4
+    )
+    emb = _weight_bytes(v, d, s.embedding)
+    out = _weight_bytes(v, d, s.output) if (_separate_output(opts) or not cfg.share_embedding) else 0
+    return {
+        "blocks": cfg.n_layers * block,
+        "embedding": emb,
+        "output_projection": out,
+        "final_norm": d * 4,
+        "total": cfg.n_layers * block + emb + out + d * 4,
+        "total_if_embedding_stored_once": cfg.n_layers * block + emb + d * 4,
+    }
+
+
+def embedding_copies(pte: bytes, model: ExportModel, opts: TargetOptions) -> int | None:
+    """How many times the embedding table's stored bytes occur in the .pte (fp32 rows or int8 codes;
+    counted on the first 4 rows, which cannot collide by chance). None for a 4-bit table (packed)."""
+    bits = opts.resolved_embedding_bits()
+    w = model.tok_embeddings.weight.detach()[:4]
+    if bits == 16:
+        raw = w.float().contiguous().numpy().tobytes()
+    elif bits == 8:
+        raw = torchao_quantize(w, _embedding_quant(opts))[0].contiguous().numpy().tobytes()
+    else:
+        return None
+    return pte.count(raw)
+
+
+def _output_note(cfg: Any, opts: TargetOptions, copies: int | None) -> str:
+    if not cfg.share_embedding:
+        return "untied lm_head: its own weight, quantized like the linears"
+    if _separate_output(opts):
+        return (
+            "shared table stored twice: the lookup reads the embedding-precision table (portable "
+            "embedding kernel), the output projection is an XNNPACK linear at the linears' precision. "
+            "XNNPACK has no gather op and the pip runtime has no kernel that runs the projection from "
+            "the portable table without materializing it, so one copy would cost decode speed or memory"
+        )
+    return f"fp32 table shared by lookup and projection in the graph; found {copies} time(s) in the .pte"
+
+
+def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir: Path, *, custom_ops: bool | None = None) -> ExportedArtifact:
+    cfg = model.config
+    _check_bits(opts)
+    check_group_size(cfg, opts)
+    use_custom = _use_custom_ops(custom_ops)
+    meta = _metadata(cfg, opts, use_custom)
+    t0 = time.perf_counter()
+    buf, phase_seconds = lower_to_pte(model, opts, meta, use_custom)
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    (bundle_dir / PTE_NAME).write_bytes(buf)
+    mins = minimum_bytes(cfg, opts)
+    scheme = quant_scheme(opts)
+    copies = embedding_copies(buf, model, opts)
+    info: dict[str, Any] = {
+        "runtime": "executorch 1.5 (XNNPACK delegate + portable/optimized kernels), stock TextLLMRunner",
+        "lowering": "torch.export -> to_edge_transform_and_lower(XnnpackPartitioner) -> to_executorch",
+        "attention": "llama::update_cache + llama::custom_sdpa" if use_custom else "plain graph (slice copy_ cache update, decomposed SDPA)",
+        "weights": {
+            4: f"int4 symmetric group-wise (group {opts.group_size}, torchao scale amax/7.5, bf16 scales in XNNPACK), int8 dynamic per-token asymmetric activations (8da4w)",
+            8: "int8 symmetric per-output-channel (torchao scale amax/127.5, fp32 scales), int8 dynamic per-token asymmetric activations (8da8w)",
+            16: "fp32 weights and compute (reference precision; fp16 storage not used so the artifact is checkable exactly)",
+        }[opts.bits],
+        "embedding": {
+            4: f"int4 symmetric group-wise (group {opts.group_size}), fp32 scales (quantized_decomposed::embedding_4bit)",
+            8: "int8 symmetric per-row, fp32 scales (quantized_decomposed::embedding_byte)",
+            16: "fp32",
+        }[opts.resolved_embedding_bits()],
+        "output_projection": _output_note(cfg, opts, copies),
+        "group_size": opts.group_size if 4 in (opts.bits, opts.resolved_embedding_bits()) else None,
+        "scale_dtype": str(scheme.linear.scale_dtype).removeprefix("torch.") if opts.bits != 16 else None,
+        "pte_bytes": len(buf),
+        "minimum_bytes": mins["total"],
+        "minimum_bytes_breakdown": mins,
+        "pte_over_minimum": round(len(buf) / mins["total"], 4),
+        "embedding_table_copies_in_pte": copies,
+        "embedding_stored_once": (not _separate_output(opts)) and copies == 1,
+        "extra_bytes_for_output_projection": mins["output_projection"] if _separate_output(opts) else (copies - 1) * mins["embedding"] if copies else None,
+        "export_seconds": round(time.perf_counter() - t0, 1),
+        "export_phase_seconds": phase_seconds,
+        "metadata": meta,
+    }
+    io = {
+        "method": "forward",
+        "inputs": [
+            {"name": "tokens", "dtype": "int64", "shape": [1, f"1..{opts.max_seq_len - 1}"]},
+            {"name": "input_pos", "dtype": "int64", "shape": [1]},
+        ],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}],
+        "kv_cache": "internal mutable buffers, one pair per block application",
+        "metadata_methods": sorted(meta),
+    }
+    return ExportedArtifact(target=NAME, files=[PTE_NAME], io=io, info=info)
+
+
+# ============================================================================ runtime
+def _load_kernels() -> None:
+    """Register the llama custom ops (update_cache, custom_sdpa) and the quantized kernels
+    (embedding_byte/4bit) in the ExecuTorch runtime; their AOT libraries carry the kernels."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+
+
+class ExecuTorchRuntime:
+    """`model.pte` through `executorch.runtime`; `reset()` loads a fresh method (fresh KV buffers)."""
+
+    def __init__(self, pte_path: Path) -> None:
+        from executorch.runtime import Runtime
+
+        _load_kernels()
+        if not Path(pte_path).is_file():
+            raise UserError(f"{pte_path}: ExecuTorch program not found")
+        self._program = Runtime.get().load_program(Path(pte_path))
+        self._method = None
+        self.reset()
+
+    def reset(self) -> None:
+        self._method = None  # drop the old planned memory first
+        self._method = self._program.load_method("forward")
+
+    def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).reshape(1, -1)
+        out = self._method.execute([t, torch.tensor([start], dtype=torch.long)])  # type: ignore[union-attr]
+        return out[0][0].float().numpy().copy()
+
+
+def open_runtime(bundle_dir: Path, manifest: dict[str, Any]) -> ExecuTorchRuntime:
+    name = (manifest or {}).get("artifact") or PTE_NAME
+    return ExecuTorchRuntime(Path(bundle_dir) / name)
+
+
+def generate_with_runner(
+    bundle_dir: Path,
+    tokenizer_path: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    bos: bool = True,
+    on_piece: Callable[[str], None] | None = None,
+) -> str:
+    """Generate with ExecuTorch's stock C++ TextLLMRunner (the runner the phone apps use) from the
+    bundle's model.pte and a tokenizer; greedy at temperature 0. `bos` prepends the BOS token (the
+    runner's `num_bos`; MobileLLM is trained with it). Returns the generated text (prompt not echoed)."""
+    _load_kernels()
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    pte = Path(bundle_dir) / PTE_NAME
+    if not pte.is_file():
+        raise UserError(f"{pte}: ExecuTorch program not found")
+    runner = TextLLMRunner(str(pte), str(tokenizer_path))
+    pieces: list[str] = []
+
+    def collect(piece: str) -> None:
+        pieces.append(piece)
+        if on_piece is not None:
+            on_piece(piece)
+
+    config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=1 if bos else 0)
+    runner.generate(prompt, config, token_callback=collect)
+    return "".join(pieces)
+
+
+# The pipeline asks a target for `twin(model, opts)` when the generic twin cannot express it.
+twin = fake_quantized_twin
