@@ -173,8 +173,18 @@ def random_checkpoint(
     typer.echo(f"wrote {path}")
 
 
+def _quiet_library_logs() -> None:
+    """torchao and torch log import-time noise (CUDA-only kernels missing, a deprecation) that says
+    nothing about the user's export; keep the terminal for our own messages."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
     """Console entry point: maps errors to one line and an exit code (usage errors exit 2 via Typer)."""
+    _quiet_library_logs()
     try:
         app()
     except UserError as exc:

@@ -26,11 +26,12 @@ activation quantization).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -430,6 +431,33 @@ def _load_kernels() -> None:
     import executorch.kernels.quantized  # noqa: F401
 
 
+class _CapturedStderr:
+    def __init__(self) -> None:
+        import tempfile
+
+        self.file = tempfile.TemporaryFile(mode="w+b")
+
+    def read(self) -> str:
+        self.file.seek(0)
+        return self.file.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[_CapturedStderr]:
+    """Redirect fd 2 (where ExecuTorch's C++ logs go) into a temp file for the duration."""
+    import sys
+
+    captured = _CapturedStderr()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(captured.file.fileno(), 2)
+    try:
+        yield captured
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class ExecuTorchRuntime:
     """`model.pte` through `executorch.runtime`; `reset()` loads a fresh method (fresh KV buffers)."""
 
@@ -439,9 +467,17 @@ class ExecuTorchRuntime:
         _load_kernels()
         if not Path(pte_path).is_file():
             raise UserError(f"{pte_path}: ExecuTorch program not found")
-        self._program = Runtime.get().load_program(Path(pte_path))
-        self._method = None
-        self.reset()
+        # The C++ loader explains a bad file on the process's stderr (fd 2) and raises a bare error
+        # code; capture its words so the user gets one line naming the problem.
+        with _native_stderr() as native:
+            try:
+                self._program = Runtime.get().load_program(Path(pte_path))
+                self._method = None
+                self.reset()
+            except Exception as exc:  # noqa: BLE001 - any load failure is a bad artifact
+                detail = native.read().strip().splitlines()
+                reason = detail[0].split("] ", 1)[-1] if detail else str(exc)
+                raise UserError(f"{pte_path}: not a loadable ExecuTorch program ({reason}); re-export the bundle") from None
 
     def reset(self) -> None:
         self._method = None  # drop the old planned memory first

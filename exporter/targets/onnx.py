@@ -502,19 +502,17 @@ def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir
     mins = minimum_bytes(model, opts)
     file_bytes = {f: (bundle_dir / f).stat().st_size for f in (MODEL_FILE, DATA_FILE)}
     n_app = len(model.schedule)
-    io = {
-        "inputs": {
-            "input_ids": {"dtype": "int64", "shape": ["batch_size", "sequence_length"]},
-            "attention_mask": {"dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
-            "position_ids": {"dtype": "int64", "shape": ["batch_size", "sequence_length"]},
-            "past_key_values.%d.key": {"dtype": "float32", "shape": ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim], "count": n_app},
-            "past_key_values.%d.value": {"dtype": "float32", "shape": ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim], "count": n_app},
-        },
-        "outputs": {
-            "logits": {"dtype": "float32", "shape": ["batch_size", "sequence_length", cfg.vocab_size]},
-            "present.%d.key": {"dtype": "float32", "shape": ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim], "count": n_app},
-            "present.%d.value": {"dtype": "float32", "shape": ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim], "count": n_app},
-        },
+    kv_past = ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
+    kv_total = ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim]
+    io = {  # the manifest's list form: one entry per graph input/output, one KV pair per block application
+        "inputs": [
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
+            {"name": "position_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+        ] + [{"name": f"past_key_values.{i}.{kv}", "dtype": "float32", "shape": kv_past} for i in range(n_app) for kv in ("key", "value")],
+        "outputs": [
+            {"name": "logits", "dtype": "float32", "shape": ["batch_size", "sequence_length", cfg.vocab_size]},
+        ] + [{"name": f"present.{i}.{kv}", "dtype": "float32", "shape": kv_total} for i in range(n_app) for kv in ("key", "value")],
         "kv_pairs": n_app,
         "max_seq_len": model.settings.max_seq_len,
     }
