@@ -10,7 +10,7 @@ export: $(STAMP)
 	$(BIN)/mobilellm-export --target all --bits 4 --output dist/
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m mobilellm.exporter.bench --output bench-results/

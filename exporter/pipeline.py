@@ -133,6 +133,10 @@ def run_export(options: ExportOptions) -> list[Path]:
             model = ExportModel.from_reference(ckpt.model, settings)
             artifact = module.export(model, ckpt, opts, tmp)
             export_seconds = time.time() - t0
+            # Timings differ run to run: logged, kept out of the manifest so bundles are reproducible.
+            timings = {k: artifact.info.pop(k) for k in [k for k in artifact.info if k.endswith("_seconds")]}
+            if timings:
+                log(f"[{module.NAME}] timings: {timings}")
             tok_name = ckpt.tokenizer_path.name
             shutil.copy(ckpt.tokenizer_path, tmp / tok_name)
             parity_summary = None

@@ -256,6 +256,7 @@ def test_manifest_keys_exist_in_schema(app: str) -> None:
 
 
 @pytest.mark.parametrize("app", ["android", "ios"])
+@pytest.mark.xdist_group("default_bundles")
 def test_manifest_keys_exist_in_real_bundle(app: str, real_bundle: Path) -> None:
     manifest = json.loads((real_bundle / "manifest.json").read_text())
     keys = kotlin_manifest_keys() if app == "android" else swift_manifest_keys()
@@ -344,6 +345,7 @@ def kotlin_classpath_stdlib() -> str:
     raise AssertionError("kotlin-stdlib.jar not found next to kotlinc")
 
 
+@pytest.mark.xdist_group("default_bundles")
 def test_android_kotlin_compiles_and_core_tests_pass(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """One kotlinc run over the whole app: the platform-free core, the Android UI/engine code type-checked
     against API stubs (android_demo/core-tests/stubs: the android.* and ExecuTorch AAR signatures the app

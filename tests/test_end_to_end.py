@@ -18,6 +18,10 @@ from mobilellm.validation.reports import SCHEMA_PATH
 
 from conftest import run_cli
 
+# Every test here uses the one default-model export; xdist runs them on one worker (--dist loadgroup)
+# while the other worker takes the rest of the suite.
+pytestmark = pytest.mark.xdist_group("default_bundles")
+
 MANIFEST_SCHEMA = Path(__file__).resolve().parents[1] / "exporter" / "schemas" / "manifest.schema.json"
 TARGETS = ["executorch", "onnx", "coreml"]
 

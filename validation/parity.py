@@ -8,6 +8,7 @@ Differences from the twin are lowering error; differences from the reference are
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -73,8 +74,12 @@ class Golden:
             arrays[f"{who}_logits"] = self.logits[who]
             arrays[f"{who}_ppl"] = np.float64(self.ppl[who])
             arrays[f"{who}_greedy"] = self.greedy[who]
-        with path.open("wb") as fh:  # np.savez on a handle: no timestamps beyond the zip's fixed ones
-            np.savez(fh, **arrays)
+        # np.savez stamps each member with the current time; a fixed stamp keeps bundles reproducible.
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+            for key in sorted(arrays):
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(arrays[key]), allow_pickle=False)
 
     @classmethod
     def load(cls, path: Path) -> "Golden":

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 import platform
 import shutil
 import sys
@@ -353,6 +354,20 @@ def _min_bytes(model: ExportModel, opts: TargetOptions) -> dict[str, int]:
     }
 
 
+def _stable_package_ids(package: Path) -> None:
+    """coremltools names the package's items with random UUIDs (and writes them in that random
+    order); derive them from the item paths and sort, so identical inputs give byte-identical
+    packages (Core ML only needs the ids consistent)."""
+    manifest_path = package / "Manifest.json"
+    data = json.loads(manifest_path.read_text())
+    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "mobilellm-export/" + entry.get("path", old)))
+               for old, entry in data.get("itemInfoEntries", {}).items()}
+    data["itemInfoEntries"] = {renamed[k]: v for k, v in data.get("itemInfoEntries", {}).items()}
+    if data.get("rootModelIdentifier") in renamed:
+        data["rootModelIdentifier"] = renamed[data["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n")
+
+
 def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir: Path) -> ExportedArtifact:
     import coremltools as ct
 
@@ -407,6 +422,7 @@ def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir
     if package.exists():
         shutil.rmtree(package)
     mlmodel.save(str(package))
+    _stable_package_ids(package)
     files = [PACKAGE]  # the tokenizer is copied into the bundle by the pipeline; its name/sha256 are in the metadata
 
     from ...validation.coreml_eval import CoreMLEvaluator
@@ -458,7 +474,9 @@ def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir
             "int codes/scales are computed by WeightQuant.quantize from the fp32 weights (the twin's own rule = coremltools linear_symmetric) and stored as constexpr_blockwise_shift_scale.",
         ],
     }
-    (bundle_dir / "coreml_info.json").write_text(json.dumps({"io": io, "info": info}, indent=2, default=str) + "\n")
+    # Timings vary run to run; the bundle keeps only what identical inputs reproduce byte for byte.
+    stable_info = {k: v for k, v in info.items() if not k.endswith("_seconds")}
+    (bundle_dir / "coreml_info.json").write_text(json.dumps({"io": io, "info": stable_info}, indent=2, default=str) + "\n")
     files.append("coreml_info.json")
     return ExportedArtifact(target=NAME, files=files, io=io, info=info)
 

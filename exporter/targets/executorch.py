@@ -433,29 +433,34 @@ def _load_kernels() -> None:
 
 class _CapturedStderr:
     def __init__(self) -> None:
+        import io
         import tempfile
 
         self.file = tempfile.TemporaryFile(mode="w+b")
+        self.text = io.StringIO()
 
     def read(self) -> str:
         self.file.seek(0)
-        return self.file.read().decode(errors="replace")
+        return self.text.getvalue() + self.file.read().decode(errors="replace")
 
 
 @contextlib.contextmanager
 def _native_stderr() -> Iterator[_CapturedStderr]:
-    """Redirect fd 2 (where ExecuTorch's C++ logs go) into a temp file for the duration."""
+    """Capture what the ExecuTorch runtime logs while loading: its C++ log goes to fd 2, and the
+    Python bindings may route it through `sys.stderr` instead; catch both."""
     import sys
 
     captured = _CapturedStderr()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved_fd, saved_stream = os.dup(2), sys.stderr
     os.dup2(captured.file.fileno(), 2)
+    sys.stderr = captured.text
     try:
         yield captured
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        sys.stderr = saved_stream
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
 
 
 class ExecuTorchRuntime:
