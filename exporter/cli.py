@@ -177,9 +177,12 @@ def _quiet_library_logs() -> None:
     """torchao and torch log import-time noise (CUDA-only kernels missing, a deprecation) that says
     nothing about the user's export; keep the terminal for our own messages."""
     import logging
+    import warnings
 
-    for name in ("torchao", "torch.utils._pytree"):
+    for name in ("torchao", "torch.utils._pytree", "coremltools"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Deprecation and tracing chatter from the lowering libraries, issued by their own modules.
+    warnings.filterwarnings("ignore", module=r"(torch|torchao|executorch|coremltools|onnx|onnxscript)(\.|$)")
 
 
 def main() -> None:
