@@ -22,6 +22,15 @@ _RSS_UNIT = 1024 if sys.platform != "darwin" else 1  # ru_maxrss: KiB on Linux, 
 
 
 def _peak_rss() -> int:
+    """This process's peak RSS. On Linux VmHWM, which restarts at exec; ru_maxrss would carry over the
+    forking parent's peak into the child."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
 
 
@@ -68,8 +77,8 @@ def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens
     prompt = _prompt(manifest["vocab_size"], min(prompt_tokens, manifest["max_context"] - decode_tokens - 1))
     _time_decode(runtime, prompt[:8], 2)  # warm-up (first-call allocations, kernel packing)
     timing = _time_decode(runtime, prompt, decode_tokens)
-    artifact = bundle / manifest["artifact"]
-    size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else artifact.stat().st_size
+    # The artifact with its weight files (model.onnx + model.onnx.data, model.mlpackage/...).
+    size = sum(e["bytes"] for name, e in manifest["files"].items() if name.startswith(manifest["artifact"]))
     return {"bundle": manifest["name"], "target": manifest["target"], "bits": manifest["bits"], "threads": threads,
             "load_s": load_s, **timing, "peak_rss_bytes": _peak_rss(), "rss_over_baseline_bytes": _peak_rss() - base_rss,
             "artifact_bytes": size, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens}
