@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Re-train the embedded default model (about 20 minutes on 2 cores); see recipes/train_default_model.py.
+# Re-train the embedded default model from scratch (a 25-minute budget by default); see recipes/train_default_model.py.
 train-default: $(STAMP)
 	$(BIN)/python recipes/train_default_model.py
 
