@@ -137,12 +137,42 @@ def minimum_bytes(manifest: dict[str, Any]) -> int:
     return int(out + (2 * m["n_layers"] + 1) * m["dim"] * 2)
 
 
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def find_recipe(preset_name: str, target: str, bits: int) -> Path | None:
+    """The repo's recipe for this preset/target/bits (bench exports what users export), if any."""
+    from .recipe import load_recipe
+
+    for path in sorted(RECIPES_DIR.glob(f"*/{target}-{bits}bit.toml")):
+        if load_recipe(path).preset == preset_name:
+            return path
+    return None
+
+
+def export_options_for(preset_name: str, ckpt: Path, target: str, bits: int, output: Path, max_seq_len: int) -> Any:
+    """The recipe's choices (its model check included) with the bench's context length."""
+    from .pipeline import ExportOptions
+    from .recipe import load_recipe
+
+    options = ExportOptions(checkpoint=ckpt, targets=[target], bits=bits, parity=False, output=output, name=preset_name,
+                            max_seq_len=max_seq_len)
+    path = find_recipe(preset_name, target, bits)
+    if path is not None:
+        recipe = load_recipe(path)
+        options.group_size = recipe.export.get("group_size", options.group_size)
+        options.embedding_bits = recipe.export.get("embedding_bits")
+        options.fuse = recipe.export.get("fuse", True)
+        options.recipe = recipe
+    return options
+
+
 def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: list[int], threads: int,
-              prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
+              prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512) -> dict[str, Any]:
     from .bundle import read_manifest
-    from .pipeline import ExportOptions, run_export
+    from .pipeline import run_export
     from .random_checkpoint import write_random_checkpoint
-    from .targets import available_targets
+    from .targets import available_targets, load_target
 
     output.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -156,17 +186,24 @@ def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: l
         print(json.dumps(eager), flush=True)
         for target in [t for t in targets if t in available_targets()]:
             for bits in bits_list:
+                options = export_options_for(preset_name, ckpt, target, bits, output / "bundles", max_seq_len)
                 t0 = time.perf_counter()
-                (bundle,) = run_export(ExportOptions(checkpoint=ckpt, targets=[target], bits=bits, parity=False,
-                                                     output=output / "bundles", name=preset_name))
+                (bundle,) = run_export(options)
                 export_s = time.perf_counter() - t0
-                row = bench_bundle_subprocess(bundle, threads, prompt_tokens, decode_tokens)
-                manifest = read_manifest(bundle)
-                row.update(preset=preset_name, export_s=export_s, minimum_bytes=minimum_bytes(manifest),
-                           size_over_minimum=row["artifact_bytes"] / minimum_bytes(manifest),
-                           decode_speedup_vs_eager=row["decode_tokens_per_s"] / eager["decode_tokens_per_s"],
-                           prefill_speedup_vs_eager=row["prefill_tokens_per_s"] / eager["prefill_tokens_per_s"],
-                           rss_vs_eager=row["rss_over_baseline_bytes"] / eager["rss_over_baseline_bytes"],
+                manifest = read_manifest(bundle)  # also checks it against the manifest schema
+                unmeasurable = getattr(load_target(target), "speed_unmeasurable_reason", lambda: None)()
+                if unmeasurable:
+                    size = sum(e["bytes"] for name, e in manifest["files"].items() if name.startswith(manifest["artifact"]))
+                    row: dict[str, Any] = {"bundle": manifest["name"], "target": target, "bits": bits, "threads": threads,
+                                           "artifact_bytes": size, "not_timed": unmeasurable}
+                else:
+                    row = bench_bundle_subprocess(bundle, threads, prompt_tokens, decode_tokens)
+                    row.update(decode_speedup_vs_eager=row["decode_tokens_per_s"] / eager["decode_tokens_per_s"],
+                               prefill_speedup_vs_eager=row["prefill_tokens_per_s"] / eager["prefill_tokens_per_s"],
+                               rss_vs_eager=row["rss_over_baseline_bytes"] / eager["rss_over_baseline_bytes"])
+                row.update(preset=preset_name, export_s=export_s, max_seq_len=max_seq_len,
+                           recipe=str(options.recipe.path.relative_to(RECIPES_DIR.parent)) if options.recipe else None,
+                           minimum_bytes=minimum_bytes(manifest), size_over_minimum=row["artifact_bytes"] / minimum_bytes(manifest),
                            size_vs_eager_fp32=row["artifact_bytes"] / eager["artifact_bytes"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -178,16 +215,23 @@ def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: l
 
 def bench_markdown(rows: list[dict[str, Any]]) -> str:
     mb = 1024 * 1024
+
+    def num(r: dict[str, Any], key: str, fmt: str, scale: float = 1.0) -> str:
+        return "-" if r.get(key) is None else format(r[key] / scale, fmt)
+
     lines = ["| model | runtime | bits | export s | size MB | size / min | load s | prefill tok/s | decode tok/s | decode vs eager | peak RSS over baseline MB | RSS vs eager |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for r in rows:
         lines.append(
-            f"| {r['preset']} | {r['target']} | {r['bits']} | {r.get('export_s', 0):.0f} | {r['artifact_bytes'] / mb:.1f} | "
-            f"{r.get('size_over_minimum', float('nan')):.2f} | {r['load_s']:.2f} | {r['prefill_tokens_per_s']:.0f} | "
-            f"{r['decode_tokens_per_s']:.1f} | {r.get('decode_speedup_vs_eager', 1.0):.2f}x | {r['rss_over_baseline_bytes'] / mb:.0f} | "
-            f"{r.get('rss_vs_eager', 1.0):.2f} |"
+            f"| {r['preset']} | {r['target']} | {r['bits']} | {num(r, 'export_s', '.0f')} | {r['artifact_bytes'] / mb:.1f} | "
+            f"{num(r, 'size_over_minimum', '.2f')} | {num(r, 'load_s', '.2f')} | {num(r, 'prefill_tokens_per_s', '.0f')} | "
+            f"{num(r, 'decode_tokens_per_s', '.1f')} | {num(r, 'decode_speedup_vs_eager', '.2f')}{'x' if r.get('decode_speedup_vs_eager') else ''} | "
+            f"{num(r, 'rss_over_baseline_bytes', '.0f', mb)} | {num(r, 'rss_vs_eager', '.2f')} |"
         )
-    return "\n".join(lines) + "\n"
+        if r.get("not_timed") and r["not_timed"] not in notes:
+            notes.append(r["not_timed"])
+    return "\n".join(lines) + "\n" + "".join(f"\nNot timed: {n}.\n" for n in notes)
 
 
 def main() -> None:
@@ -201,6 +245,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--max-seq-len", type=int, default=512, help="KV-cache length of the benchmarked exports")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_bundle(args.one, args.threads, args.prompt_tokens, args.decode_tokens)))
@@ -208,7 +253,7 @@ def main() -> None:
         print(json.dumps(measure_eager(args.eager, args.threads, args.prompt_tokens, args.decode_tokens)))
     else:
         result = run_suite(args.output, args.presets.split(","), args.targets.split(","), [int(b) for b in args.bits.split(",")],
-                           args.threads, args.prompt_tokens, args.decode_tokens)
+                           args.threads, args.prompt_tokens, args.decode_tokens, args.max_seq_len)
         print(bench_markdown(result["rows"]))
 
 

@@ -7,6 +7,7 @@ complete, so an interrupted or failed export never leaves a half-written bundle 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -20,6 +21,7 @@ from .errors import UserError
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA = Path(__file__).resolve().parent / "schemas" / "manifest.schema.json"
 _VERSIONED_PACKAGES = ("mobilellm-export", "torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime", "onnxscript")
 
 
@@ -66,7 +68,30 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path}: invalid JSON ({exc.msg}); re-export the bundle") from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
         raise UserError(f"{path}: unsupported manifest (schema_version {manifest.get('schema_version') if isinstance(manifest, dict) else '?'}); re-export with this version")
+    problem = manifest_schema_problem(manifest)
+    if problem:
+        raise UserError(f"{path}: does not match the manifest schema ({problem}); re-export the bundle")
     return manifest
+
+
+def manifest_schema_problem(manifest: dict[str, Any]) -> str | None:
+    """The first way `manifest` breaks exporter/schemas/manifest.schema.json, or None.
+
+    Apps parse manifest.json with no error handling of their own beyond the schema's promises, so
+    every reader (validate, bench, runtimes) and the exporter itself check it."""
+    import jsonschema
+
+    schema = _schema()
+    error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(manifest))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+    return f"at {where}: {error.message}"
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    return json.loads(MANIFEST_SCHEMA.read_text())
 
 
 def integrity_problems(bundle_dir: Path, manifest: dict[str, Any]) -> list[str]:

@@ -83,6 +83,16 @@ def test_corrupt_artifact_exits_2(bundles: dict[str, Path], target: str, capsys:
     assert err.startswith("error: ") and "Traceback" not in err
 
 
+def test_manifest_breaking_the_schema_exits_2(bundles: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    broken = tmp_path / "b"
+    shutil.copytree(bundles["onnx"], broken)
+    manifest = json.loads((broken / MANIFEST).read_text())
+    del manifest["io"]  # an app would crash reading its input names
+    (broken / MANIFEST).write_text(json.dumps(manifest))
+    code, _, err = run_cli(["validate", str(broken)], capsys)
+    assert code == 2 and "does not match the manifest schema" in err and "'io' is a required property" in err, err
+
+
 def test_not_a_bundle_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["validate", str(tmp_path)], capsys)
     assert code == 2 and "no manifest.json" in err

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from mobilellm.exporter.config import preset
 from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.recipe import load_recipe
 
-from conftest import run_cli
+from conftest import random_model, run_cli, tiny_config
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.toml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*/*.toml"))
+
+
+def _export_choices(path: Path) -> tuple:
+    recipe = load_recipe(path)
+    return (tuple(sorted((k, v) for k, v in recipe.export.items() if k != "max_seq_len")), tuple(sorted(recipe.thresholds.items())))
+
+
+# Recipes differ in the model (checked by test_recipe_refuses_another_model) and in max_seq_len; the
+# other export choices fall into a few groups, each exported once below.
+RECIPE_GROUPS: dict[tuple, list[Path]] = {}
+for _path in RECIPES:
+    RECIPE_GROUPS.setdefault(_export_choices(_path), []).append(_path)
 
 
 def test_one_recipe_per_model_target_bits() -> None:
@@ -76,3 +91,27 @@ def test_flags_override_the_recipe(tmp_path: Path, capsys: pytest.CaptureFixture
     assert (seen["bits"], seen["targets"], seen["max_seq_len"], seen["group_size"]) == (4, ["onnx"], 256, 32)
     assert seen["thresholds"] == {"twin.top1_agreement": 0.9, "twin.min_cosine": 0.9}
     assert seen["recipe"].preset == "125M"
+
+
+@pytest.mark.parametrize("recipes", list(RECIPE_GROUPS.values()), ids=lambda g: g[0].stem)
+def test_recipe_exports_a_bundle_matching_the_schema(recipes: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each group's export choices, through `--recipe` as users run it, on a tiny checkpoint (the
+    model check is lifted: real sizes are exported by `make bench`); the manifest meets the schema."""
+    from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
+    from mobilellm.exporter.checkpoint import save_checkpoint
+    from mobilellm.exporter.recipe import Recipe
+
+    ckpt = save_checkpoint(random_model(tiny_config(n_layers=1)), tmp_path / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model")
+    monkeypatch.setattr(Recipe, "check_matches", lambda self, cfg: None)
+    recipe = load_recipe(recipes[0])
+    code, out, err = run_cli(["--recipe", str(recipes[0]), "--checkpoint", str(ckpt), "--max-seq-len", "64", "--no-parity",
+                              "--output", str(tmp_path / "dist")], capsys)
+    assert code == 0, err
+    (bundle,) = (tmp_path / "dist").iterdir()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    jsonschema.validate(manifest, json.loads((ROOT / "exporter" / "schemas" / "manifest.schema.json").read_text()))
+    assert bundle.name == f"{recipe.name}-{recipe.export['target']}-{recipe.export['bits']}bit"
+    assert (manifest["target"], manifest["bits"], manifest["group_size"], manifest["embedding_bits"]) == (
+        recipe.export["target"], recipe.export["bits"], recipe.export["group_size"], recipe.export["embedding_bits"])
+    assert manifest["max_context"] == 64  # the flag overrides the recipe

@@ -10,6 +10,8 @@ A target module defines:
         pipeline renames into place when everything succeeded).
     def open_runtime(bundle_dir: Path, manifest: dict) -> TargetRuntime
         Load the written artifact with the target's real runtime (or its Linux evaluator).
+    def speed_unmeasurable_reason() -> str | None          (optional)
+        Why `make bench` cannot time this target's runtime here (e.g. Core ML off Apple OSes).
 """
 
 from __future__ import annotations

@@ -531,6 +531,17 @@ def _package_path(bundle_dir: Path, manifest: dict[str, Any]) -> Path:
     return Path(bundle_dir) / name
 
 
+def _device_available() -> bool:
+    return sys.platform == "darwin" and int(platform.mac_ver()[0].split(".")[0] or 0) >= 15
+
+
+def speed_unmeasurable_reason() -> str | None:
+    """Why speed/RAM of this target cannot be benchmarked on this machine (None: it can).
+
+    The Linux evaluator checks numbers, not speed: timing it would say nothing about a phone."""
+    return None if _device_available() else "Core ML runs only on Apple OSes (macOS 15 / iOS 18); this machine can convert and check parity, not time it"
+
+
 def open_runtime(bundle_dir: Path, manifest: dict[str, Any], device: bool | None = None):
     """The numpy evaluator on Linux; on macOS 15+ (or `device=True`) the real MLModel + MLState runtime.
 
@@ -541,7 +552,7 @@ def open_runtime(bundle_dir: Path, manifest: dict[str, Any], device: bool | None
     package = _package_path(bundle_dir, manifest)
     if not package.exists():
         raise UserError(f"{package}: Core ML package not found; re-run the export")
-    use_device = (sys.platform == "darwin" and int(platform.mac_ver()[0].split(".")[0] or 0) >= 15) if device is None else device
+    use_device = _device_available() if device is None else device
     if use_device:  # pragma: no cover - macOS only
         return CoreMLDeviceRuntime(package)
     try:
