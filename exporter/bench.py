@@ -168,7 +168,11 @@ def export_options_for(preset_name: str, ckpt: Path, target: str, bits: int, out
 
 
 def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: list[int], threads: int,
-              prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512) -> dict[str, Any]:
+              prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512, reuse_bundles: bool = False) -> dict[str, Any]:
+    """Export each preset x target x bits (through its recipe) and time it next to eager PyTorch.
+
+    `reuse_bundles` re-times bundles an earlier run left in `output/bundles` without exporting
+    again: speed ratios are only fair when every row is timed under the same machine load."""
     from .bundle import read_manifest
     from .pipeline import run_export
     from .random_checkpoint import write_random_checkpoint
@@ -187,9 +191,12 @@ def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: l
         for target in [t for t in targets if t in available_targets()]:
             for bits in bits_list:
                 options = export_options_for(preset_name, ckpt, target, bits, output / "bundles", max_seq_len)
-                t0 = time.perf_counter()
-                (bundle,) = run_export(options)
-                export_s = time.perf_counter() - t0
+                bundle = output / "bundles" / f"{preset_name}-{target}-{bits}bit"
+                export_s = None
+                if not (reuse_bundles and (bundle / "manifest.json").is_file()):
+                    t0 = time.perf_counter()
+                    (bundle,) = run_export(options)
+                    export_s = time.perf_counter() - t0
                 manifest = read_manifest(bundle)  # also checks it against the manifest schema
                 unmeasurable = getattr(load_target(target), "speed_unmeasurable_reason", lambda: None)()
                 if unmeasurable:
@@ -246,6 +253,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=512, help="KV-cache length of the benchmarked exports")
+    ap.add_argument("--reuse-bundles", action="store_true", help="time bundles already in OUTPUT/bundles instead of exporting again")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_bundle(args.one, args.threads, args.prompt_tokens, args.decode_tokens)))
@@ -253,7 +261,8 @@ def main() -> None:
         print(json.dumps(measure_eager(args.eager, args.threads, args.prompt_tokens, args.decode_tokens)))
     else:
         result = run_suite(args.output, args.presets.split(","), args.targets.split(","), [int(b) for b in args.bits.split(",")],
-                           args.threads, args.prompt_tokens, args.decode_tokens, args.max_seq_len)
+                           args.threads, args.prompt_tokens, args.decode_tokens, args.max_seq_len,
+                           args.reuse_bundles)
         print(bench_markdown(result["rows"]))
 
 
