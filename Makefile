@@ -13,7 +13,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=15
 
 bench: $(STAMP)
-	$(BIN)/python -m mobilellm.exporter.bench --output bench-results/
+	$(BIN)/python -m mobilellm.exporter.bench --output bench-results/ --peers
 
 setup: $(STAMP)
 

@@ -74,6 +74,7 @@ def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens
     t0 = time.perf_counter()
     runtime = module.open_runtime(bundle, manifest)
     load_s = time.perf_counter() - t0
+    load_rss = _current_rss() - base_rss
     prompt = _prompt(manifest["vocab_size"], min(prompt_tokens, manifest["max_context"] - decode_tokens - 1))
     _time_decode(runtime, prompt[:8], 2)  # warm-up (first-call allocations, kernel packing)
     timing = _time_decode(runtime, prompt, decode_tokens)
@@ -81,7 +82,8 @@ def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens
     size = sum(e["bytes"] for name, e in manifest["files"].items() if name.startswith(manifest["artifact"]))
     return {"bundle": manifest["name"], "target": manifest["target"], "bits": manifest["bits"], "threads": threads,
             "load_s": load_s, **timing, "peak_rss_bytes": _peak_rss(), "rss_over_baseline_bytes": _peak_rss() - base_rss,
-            "artifact_bytes": size, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens}
+            "rss_after_load_bytes": load_rss, "artifact_bytes": size, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens,
+            **({"xnnpack_weight_cache": runtime.xnnpack_weight_cache} if hasattr(runtime, "xnnpack_weight_cache") else {})}
 
 
 def measure_eager(checkpoint: Path, threads: int, prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512) -> dict[str, Any]:
@@ -168,11 +170,14 @@ def export_options_for(preset_name: str, ckpt: Path, target: str, bits: int, out
 
 
 def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: list[int], threads: int,
-              prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512, reuse_bundles: bool = False) -> dict[str, Any]:
+              prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512, reuse_bundles: bool = False,
+              peers: bool = False) -> dict[str, Any]:
     """Export each preset x target x bits (through its recipe) and time it next to eager PyTorch.
 
     `reuse_bundles` re-times bundles an earlier run left in `output/bundles` without exporting
-    again: speed ratios are only fair when every row is timed under the same machine load."""
+    again: speed ratios are only fair when every row is timed under the same machine load.
+    `peers` adds ExecuTorch's own Llama exporter on the same checkpoint (unshared presets only: it
+    has no layer sharing) next to every ExecuTorch row."""
     from .bundle import read_manifest
     from .pipeline import run_export
     from .random_checkpoint import write_random_checkpoint
@@ -214,10 +219,39 @@ def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: l
                            size_vs_eager_fp32=row["artifact_bytes"] / eager["artifact_bytes"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if peers and target == "executorch" and "LS" not in preset_name:
+                    rows.append(peer_row(preset_name, ckpt, bits, output, max_seq_len, threads, prompt_tokens, decode_tokens,
+                                         eager, reuse_bundles, row))
+                    print(json.dumps(rows[-1]), flush=True)
     result = {"threads": threads, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "rows": rows}
     (output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (output / "bench.md").write_text(bench_markdown(rows))
     return result
+
+
+def peer_row(preset_name: str, ckpt: Path, bits: int, output: Path, max_seq_len: int, threads: int, prompt_tokens: int,
+             decode_tokens: int, eager: dict[str, Any], reuse: bool, ours: dict[str, Any]) -> dict[str, Any]:
+    """ExecuTorch's examples/models/llama exporter (export_llama) on the same weights, timed the same way."""
+    from .bench_peers import PTE_NAME, export_executorch_llama_peer
+
+    out = output / "peers" / f"{preset_name}-executorch-llama-{bits}bit"
+    export_s = None
+    if not (reuse and (out / PTE_NAME).is_file()):
+        t0 = time.perf_counter()
+        export_executorch_llama_peer(ckpt, out, bits, max_seq_len=max_seq_len)
+        export_s = time.perf_counter() - t0
+    row = json.loads(subprocess.run(
+        [sys.executable, "-m", "mobilellm.exporter.bench_peers", "--checkpoint", str(ckpt), "--out", str(out), "--measure-only",
+         "--threads", str(threads), "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)],
+        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    row.update(preset=preset_name, target="executorch export_llama (peer)", bits=bits, export_s=export_s,
+               minimum_bytes=ours["minimum_bytes"], size_over_minimum=row["artifact_bytes"] / ours["minimum_bytes"],
+               decode_speedup_vs_eager=row["decode_tokens_per_s"] / eager["decode_tokens_per_s"],
+               prefill_speedup_vs_eager=row["prefill_tokens_per_s"] / eager["prefill_tokens_per_s"],
+               rss_vs_eager=row["rss_over_baseline_bytes"] / eager["rss_over_baseline_bytes"],
+               ours_vs_peer_decode=ours["decode_tokens_per_s"] / row["decode_tokens_per_s"],
+               ours_vs_peer_size=ours["artifact_bytes"] / row["artifact_bytes"])
+    return row
 
 
 def bench_markdown(rows: list[dict[str, Any]]) -> str:
@@ -254,6 +288,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=512, help="KV-cache length of the benchmarked exports")
     ap.add_argument("--reuse-bundles", action="store_true", help="time bundles already in OUTPUT/bundles instead of exporting again")
+    ap.add_argument("--peers", action="store_true", help="also export and time ExecuTorch's own export_llama on unshared presets")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_bundle(args.one, args.threads, args.prompt_tokens, args.decode_tokens)))
@@ -262,7 +297,7 @@ def main() -> None:
     else:
         result = run_suite(args.output, args.presets.split(","), args.targets.split(","), [int(b) for b in args.bits.split(",")],
                            args.threads, args.prompt_tokens, args.decode_tokens, args.max_seq_len,
-                           args.reuse_bundles)
+                           args.reuse_bundles, args.peers)
         print(bench_markdown(result["rows"]))
 
 

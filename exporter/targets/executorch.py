@@ -431,6 +431,51 @@ def _load_kernels() -> None:
     import executorch.kernels.quantized  # noqa: F401
 
 
+# executorch::runtime::BackendOption as libexecutorch lays it out (x86-64 / aarch64, libstdc++):
+# char key[64]; std::variant<bool, int, std::array<char, 256>> value (storage at 64, index at 320).
+_OPTION_BYTES, _OPTION_VALUE_AT, _OPTION_INDEX_AT = 324, 64, 320
+_SET_OPTION = "_ZN10executorch7runtime10set_optionEPKcNS0_4SpanINS0_13BackendOptionEEE"
+_GET_OPTION = "_ZN10executorch7runtime10get_optionEPKcNS0_4SpanINS0_13BackendOptionEEE"
+
+
+def enable_xnnpack_weight_cache() -> bool:
+    """Make XNNPACK pack each stored weight once per process, whatever number of delegates read it.
+
+    Without the cache every delegate packs the weights it reads, so a layer-shared model holds each
+    shared block's packed weights once per application (measured at 125M-LS 4-bit: +58 MB at load,
+    the whole linear-weight set a second time). ExecuTorch's Android/iOS builds turn the cache on
+    (pytorch/executorch#13738); the pip runtime is built without it and Python has no binding for
+    backend options, so this sets the documented `weight_cache_enabled` option through
+    libexecutorch's C++ `set_option` and reads it back. Returns whether the cache is on.
+    `MOBILELLM_ET_WEIGHT_CACHE=0` leaves the runtime's default (for comparison)."""
+    import ctypes
+
+    import executorch.runtime
+
+    if os.environ.get("MOBILELLM_ET_WEIGHT_CACHE", "1") == "0":
+        return False
+    try:
+        lib = ctypes.CDLL(str(Path(executorch.runtime.__file__).parents[1] / "lib" / "libexecutorch.so"), mode=ctypes.RTLD_GLOBAL)
+        set_option, get_option = getattr(lib, _SET_OPTION), getattr(lib, _GET_OPTION)
+    except (OSError, AttributeError):
+        return False
+    for fn in (set_option, get_option):
+        fn.argtypes, fn.restype = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint32
+
+    def option(value: bool | None) -> ctypes.Array:
+        buf = (ctypes.c_ubyte * _OPTION_BYTES)()
+        key = b"weight_cache_enabled"
+        buf[: len(key)] = key
+        buf[_OPTION_VALUE_AT] = int(bool(value))
+        return buf
+
+    if set_option(b"XnnpackBackend", ctypes.addressof(on := option(True)), 1) != 0:
+        return False
+    readback = option(False)
+    return get_option(b"XnnpackBackend", ctypes.addressof(readback), 1) == 0 and readback[_OPTION_INDEX_AT] == 0 \
+        and readback[_OPTION_VALUE_AT] == 1 and on[_OPTION_VALUE_AT] == 1
+
+
 class _CapturedStderr:
     def __init__(self) -> None:
         import io
@@ -470,6 +515,7 @@ class ExecuTorchRuntime:
         from executorch.runtime import Runtime
 
         _load_kernels()
+        self.xnnpack_weight_cache = enable_xnnpack_weight_cache()
         if not Path(pte_path).is_file():
             raise UserError(f"{pte_path}: ExecuTorch program not found")
         # The C++ loader explains a bad file on the process's stderr (fd 2) and raises a bare error
@@ -512,6 +558,7 @@ def generate_with_runner(
     bundle's model.pte and a tokenizer; greedy at temperature 0. `bos` prepends the BOS token (the
     runner's `num_bos`; MobileLLM is trained with it). Returns the generated text (prompt not echoed)."""
     _load_kernels()
+    enable_xnnpack_weight_cache()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     pte = Path(bundle_dir) / PTE_NAME
