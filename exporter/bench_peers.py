@@ -158,11 +158,8 @@ def _open(pte: Path, vocab_size: int) -> Any:
     from .targets.executorch import ExecuTorchRuntime
 
     class LastTokenRuntime(ExecuTorchRuntime):
-        """ET's llama returns only the last position's logits [1, V]; give them the [S, V] shape
-        `_time_decode` indexes with [-1]. Inputs are the same (tokens [1, S], input_pos [1])."""
-
-        def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
-            return super().forward(tokens, start).reshape(-1, vocab_size)
+        """ET's llama: same inputs as ours (tokens [1, S], input_pos [1]), last-position logits [1, V]
+        (`forward_last` handles both shapes); plus its metadata methods."""
 
         def metadata(self, name: str) -> int:
             return int(self._program.load_method(name).execute([])[0])
@@ -197,7 +194,7 @@ def compare_pte_logits(pte: Path, checkpoint: Path, n_tokens: int = 24, decode: 
     prompt = _prompt(ckpt.config.vocab_size, n_tokens)
     seq = torch.tensor(prompt.tolist() + ckpt.model.generate(prompt.tolist(), decode))[None]
     ref = ckpt.model(seq)[0].numpy()
-    got = [runtime.forward(prompt, 0)[-1]] + [runtime.forward(seq[0, p : p + 1].numpy(), p)[-1] for p in range(n_tokens, seq.shape[1] - 1)]
+    got = [runtime.forward_last(prompt, 0)[-1]] + [runtime.forward_last(seq[0, p : p + 1].numpy(), p)[-1] for p in range(n_tokens, seq.shape[1] - 1)]
     ref_rows = ref[n_tokens - 1 : seq.shape[1] - 1]
     got_arr = np.stack(got)
     return {"positions": len(got), "max_abs": float(np.abs(got_arr - ref_rows).max()),

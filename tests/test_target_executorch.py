@@ -227,6 +227,8 @@ def test_f32_pte_equals_reference(f32):
     print(f"\nf32 pte~ref: {m}; info: { {k: art.info[k] for k in ('pte_bytes', 'minimum_bytes', 'embedding_table_copies_in_pte', 'embedding_stored_once', 'extra_bytes_for_output_projection')} }")
     assert m["top1_agreement"] == 1.0, m
     assert m["max_abs"] < 1e-3, m
-    # a fresh reset really restarts the cache
+    # A fresh reset really restarts the cache (a stale cache would differ by O(1)). Not bit-exact:
+    # two runs of the same prefix calls differ by up to 6e-6 (measured) in fp32 since the program
+    # returns last-position logits and rows are rebuilt from one prefill per prefix.
     again = run_runtime(rt, tokens, PREFILL)
-    np.testing.assert_array_equal(again, pte)
+    np.testing.assert_allclose(again, pte, rtol=0, atol=1e-4)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -229,6 +230,8 @@ class _CustomOpModel(nn.Module):
             h = h + blk.wo(attn.reshape(1, seqlen, cfg.dim))
             gate, up = blk.gate_up(rms_norm(h, blk.ffn_norm, cfg.norm_eps))
             h = h + blk.w2(F.silu(gate) * up)
+        if m.settings.last_logits_only:
+            h = h[:, -1:, :]
         return m.project(rms_norm(h, m.norm, cfg.norm_eps))
 
 
@@ -261,6 +264,7 @@ def _quantize_for_export(model: ExportModel, opts: TargetOptions) -> ExportModel
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     m = copy.deepcopy(model)
+    m.settings = dataclasses.replace(m.settings, last_logits_only=True)  # the runners read the last row only
     if _separate_output(opts) and m.output is None:
         m.output = nn.Linear(m.config.dim, m.config.vocab_size, bias=False)
         m.output.weight = nn.Parameter(m.tok_embeddings.weight.detach().clone(), requires_grad=False)
@@ -416,7 +420,7 @@ def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir
             {"name": "tokens", "dtype": "int64", "shape": [1, f"1..{opts.max_seq_len - 1}"]},
             {"name": "input_pos", "dtype": "int64", "shape": [1]},
         ],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, 1, cfg.vocab_size]}],  # last position only
         "kv_cache": "internal mutable buffers, one pair per block application",
         "metadata_methods": sorted(meta),
     }
@@ -534,10 +538,19 @@ class ExecuTorchRuntime:
         self._method = None  # drop the old planned memory first
         self._method = self._program.load_method("forward")
 
-    def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
+    def forward_last(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        """One call of the program: logits [1, V] of the last position (what the runners read)."""
         t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).reshape(1, -1)
         out = self._method.execute([t, torch.tensor([start], dtype=torch.long)])  # type: ignore[union-attr]
-        return out[0][0].float().numpy().copy()
+        logits = out[0].float()
+        return logits.reshape(-1, logits.shape[-1])[-1:].numpy().copy()
+
+    def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        """Logits [S, V] of every position. The program returns the last position's only, so each
+        row comes from prefilling that prefix: it rewrites cache rows start.. and attends no
+        further, so every prefill length 1..S is exercised and nothing stale is read."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        return np.concatenate([self.forward_last(tokens[: i + 1], start) for i in range(len(tokens))], axis=0)
 
 
 def open_runtime(bundle_dir: Path, manifest: dict[str, Any]) -> ExecuTorchRuntime:
