@@ -183,6 +183,8 @@ def _quiet_library_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     # Deprecation and tracing chatter from the lowering libraries, issued by their own modules.
     warnings.filterwarnings("ignore", module=r"(torch|torchao|executorch|coremltools|onnx|onnxscript)(\.|$)")
+    # torch.export pickles pytree specs; its deprecation warning is attributed to the stdlib copyreg.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
 
 
 def main() -> None:
