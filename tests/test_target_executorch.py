@@ -228,7 +228,7 @@ def test_f32_pte_equals_reference(f32):
     assert m["top1_agreement"] == 1.0, m
     assert m["max_abs"] < 1e-3, m
     # A fresh reset really restarts the cache (a stale cache would differ by O(1)). Not bit-exact:
-    # two runs of the same prefix calls differ by up to 6e-6 (measured) in fp32 since the program
-    # returns last-position logits and rows are rebuilt from one prefill per prefix.
+    # repeated runs of the same calls differed by up to 6e-6 (measured) in fp32 once the program
+    # returned last-position logits and rows were rebuilt from several calls.
     again = run_runtime(rt, tokens, PREFILL)
     np.testing.assert_allclose(again, pte, rtol=0, atol=1e-4)
