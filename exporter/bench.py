@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .bundle import artifact_bytes
+
 _RSS_UNIT = 1024 if sys.platform != "darwin" else 1  # ru_maxrss: KiB on Linux, bytes on macOS
 
 
@@ -81,8 +83,7 @@ def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens
     prompt = _prompt(manifest["vocab_size"], min(prompt_tokens, manifest["max_context"] - decode_tokens - 1))
     _time_decode(runtime, prompt[:8], 2)  # warm-up (first-call allocations, kernel packing)
     timing = _time_decode(runtime, prompt, decode_tokens)
-    # The artifact with its weight files (model.onnx + model.onnx.data, model.mlpackage/...).
-    size = sum(e["bytes"] for name, e in manifest["files"].items() if name.startswith(manifest["artifact"]))
+    size = artifact_bytes(manifest["files"], manifest["artifact"])
     return {"bundle": manifest["name"], "target": manifest["target"], "bits": manifest["bits"], "threads": threads,
             "load_s": load_s, **timing, "peak_rss_bytes": _peak_rss(), "rss_over_baseline_bytes": _peak_rss() - base_rss,
             "rss_after_load_bytes": load_rss, "artifact_bytes": size, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens,
@@ -112,8 +113,9 @@ def measure_eager(checkpoint: Path, threads: int, prompt_tokens: int, decode_tok
             "prompt_tokens": len(prompt), "decode_tokens": decode_tokens}
 
 
-def _subprocess(args: list[str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "mobilellm.exporter.bench", *args], capture_output=True, text=True)
+def _subprocess(args: list[str], module: str = "mobilellm.exporter.bench") -> dict[str, Any]:
+    """Run `python -m module args` in a fresh process; its last stdout line is the JSON result."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark subprocess failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -208,9 +210,9 @@ def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: l
                 manifest = read_manifest(bundle)  # also checks it against the manifest schema
                 unmeasurable = getattr(load_target(target), "speed_unmeasurable_reason", lambda: None)()
                 if unmeasurable:
-                    size = sum(e["bytes"] for name, e in manifest["files"].items() if name.startswith(manifest["artifact"]))
                     row: dict[str, Any] = {"bundle": manifest["name"], "target": target, "bits": bits, "threads": threads,
-                                           "artifact_bytes": size, "not_timed": unmeasurable}
+                                           "artifact_bytes": artifact_bytes(manifest["files"], manifest["artifact"]),
+                                           "not_timed": unmeasurable}
                 else:
                     row = bench_bundle_subprocess(bundle, threads, prompt_tokens, decode_tokens)
                     row.update(decode_speedup_vs_eager=row["decode_tokens_per_s"] / eager["decode_tokens_per_s"],
@@ -235,7 +237,7 @@ def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: l
 def peer_row(preset_name: str, ckpt: Path, bits: int, output: Path, max_seq_len: int, threads: int, prompt_tokens: int,
              decode_tokens: int, eager: dict[str, Any], reuse: bool, ours: dict[str, Any]) -> dict[str, Any]:
     """ExecuTorch's examples/models/llama exporter (export_llama) on the same weights, timed the same way."""
-    from .bench_peers import PTE_NAME, export_executorch_llama_peer
+    from .bench_peers import PTE_NAME, export_executorch_llama_peer, measure_pte_subprocess
 
     out = output / "peers" / f"{preset_name}-executorch-llama-{bits}bit"
     export_s = None
@@ -243,10 +245,7 @@ def peer_row(preset_name: str, ckpt: Path, bits: int, output: Path, max_seq_len:
         t0 = time.perf_counter()
         export_executorch_llama_peer(ckpt, out, bits, max_seq_len=max_seq_len)
         export_s = time.perf_counter() - t0
-    row = json.loads(subprocess.run(
-        [sys.executable, "-m", "mobilellm.exporter.bench_peers", "--checkpoint", str(ckpt), "--out", str(out), "--measure-only",
-         "--threads", str(threads), "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)],
-        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    row = measure_pte_subprocess(ckpt, out, threads, prompt_tokens, decode_tokens)
     row.update(preset=preset_name, target="executorch export_llama (peer)", bits=bits, export_s=export_s,
                minimum_bytes=ours["minimum_bytes"], size_over_minimum=row["artifact_bytes"] / ours["minimum_bytes"],
                decode_speedup_vs_eager=row["decode_tokens_per_s"] / eager["decode_tokens_per_s"],

@@ -202,11 +202,12 @@ def compare_pte_logits(pte: Path, checkpoint: Path, n_tokens: int = 24, decode: 
 
 
 # ----------------------------------------------------------------------------- CLI
-def _in_fresh_process(args: list[str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "mobilellm.exporter.bench_peers", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"peer subprocess failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def measure_pte_subprocess(checkpoint: Path, out: Path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
+    """measure_pte of OUT/model.pte in a fresh process (clean RSS baseline), as bench times our bundles."""
+    from .bench import _subprocess
+
+    return _subprocess(["--checkpoint", str(checkpoint), "--out", str(out), "--measure-only", "--threads", str(threads),
+                        "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)], "mobilellm.exporter.bench_peers")
 
 
 def main() -> None:
@@ -237,9 +238,7 @@ def main() -> None:
     if a.check:
         row["pte_vs_reference"] = compare_pte_logits(pte, a.checkpoint)
     if a.measure:
-        row.update(_in_fresh_process(["--checkpoint", str(a.checkpoint), "--out", str(a.out), "--measure-only",
-                                      "--threads", str(a.threads), "--prompt-tokens", str(a.prompt_tokens),
-                                      "--decode-tokens", str(a.decode_tokens)]))
+        row.update(measure_pte_subprocess(a.checkpoint, a.out, a.threads, a.prompt_tokens, a.decode_tokens))
     print(json.dumps(row))
 
 

@@ -44,6 +44,11 @@ def file_entries(bundle_dir: Path, names: list[str]) -> dict[str, dict[str, Any]
     return out
 
 
+def artifact_bytes(files: dict[str, dict[str, Any]], artifact: str) -> int:
+    """Bytes of the artifact with its weight files (model.onnx + model.onnx.data, model.mlpackage/...)."""
+    return sum(e["bytes"] for name, e in files.items() if name.startswith(artifact))
+
+
 def tool_versions() -> dict[str, str]:
     versions = {}
     for pkg in _VERSIONED_PACKAGES:

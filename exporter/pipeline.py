@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .assets import DEFAULT_MODEL_DIR, heldout_text
-from .bundle import MANIFEST, MANIFEST_SCHEMA_VERSION, file_entries, manifest_schema_problem, staged_dir, tool_versions, write_json
+from .bundle import MANIFEST, MANIFEST_SCHEMA_VERSION, artifact_bytes, file_entries, manifest_schema_problem, staged_dir, tool_versions, write_json
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ParityError, UserError
 from .export_model import ExportModel, ExportSettings
@@ -166,7 +166,7 @@ def run_export(options: ExportOptions) -> list[Path]:
             if problem:  # our own output breaking our schema is a bug: fail before the bundle lands
                 raise RuntimeError(f"{name}/{MANIFEST} does not match exporter/schemas/manifest.schema.json: {problem}")
         written.append(final)
-        size = sum(e["bytes"] for n, e in files.items() if n.startswith(artifact.files[0]))
+        size = artifact_bytes(files, artifact.files[0])
         status = "skipped" if parity_summary is None else ("PASS" if parity_summary["passed"] else "FAIL")
         detail = ""
         if parity_summary:
