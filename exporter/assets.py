@@ -11,3 +11,10 @@ HELDOUT_TEXT = ASSETS_DIR / "heldout.txt"
 
 def heldout_text() -> str:
     return HELDOUT_TEXT.read_text()
+
+CALIBRATION_TEXT = ASSETS_DIR / "calibration.txt"
+
+
+def calibration_text() -> str:
+    """GPTQ's calibration text: disjoint from the held-out parity text (recipes/make_calibration_text.py)."""
+    return CALIBRATION_TEXT.read_text()

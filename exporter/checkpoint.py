@@ -34,6 +34,9 @@ class Checkpoint:
     source: Path
     source_format: str
     source_dtype: str
+    # How layer sharing was recovered from a flat checkpoint with byte-identical layers, as one
+    # human sentence; None when the checkpoint was loaded as its config describes it.
+    sharing_detected: str | None = None
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -240,6 +243,91 @@ def _shape_hint(cfg: ModelConfig, tensors: dict[str, Tensor]) -> str:
     return ""
 
 
+# ----------------------------------------------------------------------------- shared-block detection
+# Tried in this order; the first pattern whose every pair of layers is byte-identical wins (for a
+# stack where all layers are identical, every pattern fits and gives the same numbers).
+_FOLDABLE: tuple[str, ...] = ("immediate", "repeat_all", "reverse")
+_SAMPLE = 64  # elements per tensor in the cheap fingerprint
+
+
+def _layer_suffixes(cfg: ModelConfig) -> list[str]:
+    return [k.removeprefix("layers.0.") for k in expected_shapes(cfg.replace(n_layers=1)) if k.startswith("layers.0.")]
+
+
+def _bits(t: Tensor) -> Tensor:
+    """`t` reinterpreted (no copy) as integers of the same width, so equality is bitwise."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    try:
+        return t.view(ints[t.element_size()])
+    except (KeyError, RuntimeError):
+        return t
+
+
+def _fingerprint(t: Tensor) -> tuple[object, ...]:
+    """dtype, shape and a strided sample of the bits: equal for identical tensors, cheap to build."""
+    flat = _bits(t).reshape(-1)
+    step = max(1, flat.numel() // _SAMPLE)
+    return (t.dtype, tuple(t.shape), tuple(flat[::step][:_SAMPLE].tolist()))
+
+
+def _identical(a: Tensor, b: Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True  # the same memory (a file that aliases the tensors)
+    return torch.equal(_bits(a), _bits(b))
+
+
+def fold_shared_blocks(cfg: ModelConfig, tensors: dict[str, Tensor]) -> tuple[ModelConfig, dict[str, Tensor], str] | None:
+    """Recover layer sharing from a flat (unrolled) stack whose layers repeat byte for byte.
+
+    For a `sharing="none"` config with an even number 2N of layers, finds the first strategy S in
+    immediate / repeat_all / reverse such that, with schedule s of N blocks under S, every tensor of
+    layer i is bitwise identical to that of the layer where block s[i] is first applied. Returns the
+    folded config (N stored blocks, sharing S), the tensors with each stored block once (the same
+    tensor objects, nothing is copied) and a one-sentence description; None when no pattern fits
+    exactly. The folded model computes exactly what the flat one does, since its schedule applies
+    the very same weights in the very same order, each application with its own KV cache.
+
+    Cost: one small fingerprint per tensor, then a full comparison only of candidate pairs, which
+    each layer joins at most once per pattern; O(params), no copies.
+    """
+    total = cfg.n_layers
+    if cfg.sharing != "none" or total < 2 or total % 2:
+        return None
+    suffixes = _layer_suffixes(cfg)
+    layers = [[tensors[f"layers.{i}.{s}"] for s in suffixes] for i in range(total)]
+    prints = [tuple(_fingerprint(t) for t in layer) for layer in layers]
+    half = total // 2
+    for strategy in _FOLDABLE:
+        folded = cfg.replace(n_layers=half, sharing=strategy)
+        schedule = folded.schedule()
+        first: dict[int, int] = {}
+        for slot, block in enumerate(schedule):
+            first.setdefault(block, slot)
+        pairs = [(first[block], slot) for slot, block in enumerate(schedule) if first[block] != slot]
+        if any(prints[a] != prints[b] for a, b in pairs):
+            continue
+        if not all(_identical(x, y) for a, b in pairs for x, y in zip(layers[a], layers[b])):
+            continue
+        out = {k: v for k, v in tensors.items() if not k.startswith("layers.")}
+        for block in range(half):
+            src = first[block]
+            out.update({f"layers.{block}.{s}": t for s, t in zip(suffixes, layers[src])})
+        return folded, out, _describe_fold(strategy, total)
+    return None
+
+
+def _describe_fold(strategy: str, total: int) -> str:
+    half, last = total // 2, total - 1
+    what = {
+        "immediate": f"{half} blocks each applied twice in a row (layer 2k == layer 2k+1, byte-identical)",
+        "repeat_all": f"{half} blocks applied twice in order (layer i == layer i+{half}, byte-identical)",
+        "reverse": f"{half} blocks applied in order then in reverse (layer i == layer {last}-i, byte-identical)",
+    }[strategy]
+    return f"layers 0-{last} hold {what}: loaded as {strategy} sharing, weights stored once"
+
+
 # ----------------------------------------------------------------------------- public API
 def find_tokenizer(directory: Path) -> Path | None:
     for name in TOKENIZER_FILES:
@@ -258,7 +346,18 @@ def resolve_config(spec: str | Path) -> ModelConfig:
     return preset(str(spec))
 
 
-def load_checkpoint(path: str | Path, config: str | Path | None = None, tokenizer: str | Path | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path,
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    detect_shared_blocks: bool = True,
+) -> Checkpoint:
+    """Load and validate a checkpoint into the fp32 reference model.
+
+    With `detect_shared_blocks` (the default), a flat checkpoint whose layers repeat byte for byte
+    in a layer-sharing pattern (an -LS model saved unrolled) is loaded in the shared form; see
+    `fold_shared_blocks()` and `Checkpoint.sharing_detected`. Pass False to load it as written.
+    """
     src = Path(path)
     if not src.exists():
         raise UserError(f"{src}: checkpoint not found; pass a Hugging Face MobileLLM dir, a checkpoint-<step>/ dir or a .pt/.pth file")
@@ -285,13 +384,18 @@ def load_checkpoint(path: str | Path, config: str | Path | None = None, tokenize
         fmt, tok_dir, where = "pt", src.parent, src
     tensors = check_tensors(cfg, _normalize_keys(tensors), where)
     source_dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    detected = None
+    if detect_shared_blocks:
+        fold = fold_shared_blocks(cfg, tensors)
+        if fold is not None:
+            cfg, tensors, detected = fold
     model = MobileLLM(cfg)
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     model.eval().requires_grad_(False)
     tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(tok_dir)
     if tok is not None and not tok.is_file():
         raise UserError(f"{tok}: tokenizer file not found")
-    return Checkpoint(cfg, model, tok, src, fmt, source_dtype)
+    return Checkpoint(cfg, model, tok, src, fmt, source_dtype, detected)
 
 
 def save_checkpoint(

@@ -31,6 +31,12 @@ class TargetChoice(str, enum.Enum):
     all = "all"
 
 
+class QuantMethodChoice(str, enum.Enum):
+    gptq = "gptq"
+    mse = "mse"
+    rtn = "rtn"
+
+
 class Bits(str, enum.Enum):
     b4 = "4"
     b8 = "8"
@@ -54,6 +60,10 @@ def export(
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Group size of int4 weights; must divide every input width. Default: 32."),
     embedding_bits: Optional[Bits] = typer.Option(None, "--embedding-bits", help="Precision of the (shared) embedding table. Default: 8 (16 when --bits 16)."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="KV-cache length of the exported model (up to the config's max context). Default: 512."),
+    quant_method: Optional[QuantMethodChoice] = typer.Option(
+        None, "--quant-method", help="How int codes are chosen: gptq (searched clipping + GPTQ rounding on the shipped calibration text), "
+        "mse (searched clipping, round to nearest) or rtn (largest magnitude -> scale, round to nearest). Default: gptq."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="No zero points, even where the format stores them (Core ML, ONNX)."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep Q/K/V and gate/up projections separate (debugging)."),
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity run after export."),
     threshold: Optional[list[str]] = typer.Option(
@@ -89,8 +99,24 @@ def export(
         thresholds={**(plan.thresholds if plan else {}), **parse_thresholds(threshold)},
         name=name or (plan.name if plan else None),
         recipe=plan,
+        method=quant_method_from(str(pick(quant_method.value if quant_method else None, "quant_method", "gptq")),
+                                 symmetric or bool(base.get("symmetric", False))),
     )
     run_export(options)
+
+
+def quant_method_from(name: str, symmetric: bool) -> "QuantMethod":
+    from .quantize import QuantMethod
+
+    methods = {
+        "gptq": QuantMethod(scale_rule="mse", asymmetric=True, gptq=True),
+        "mse": QuantMethod(scale_rule="mse", asymmetric=True, gptq=False),
+        "rtn": QuantMethod(scale_rule="signed_extreme", asymmetric=False, gptq=False),
+    }
+    if name not in methods:
+        raise UserError(f"unknown quantization method {name!r}; use one of {', '.join(methods)}")
+    method = methods[name]
+    return QuantMethod(method.scale_rule, method.asymmetric and not symmetric, method.gptq, method.calibration_tokens)
 
 
 def _expand_target(name: str) -> list[str]:

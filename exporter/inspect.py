@@ -10,8 +10,9 @@ from .export_model import ExportModel, ExportSettings, graph_op_counts
 from .memory import estimate_memory, human
 
 
-def describe(checkpoint: Path | None, config: str | None = None, max_seq_len: int = 512, ops: bool = True) -> str:
-    ckpt = load_checkpoint(checkpoint or DEFAULT_MODEL_DIR, config)
+def describe(checkpoint: Path | None, config: str | None = None, max_seq_len: int = 512, ops: bool = True,
+             detect_shared_blocks: bool = True) -> str:
+    ckpt = load_checkpoint(checkpoint or DEFAULT_MODEL_DIR, config, detect_shared_blocks=detect_shared_blocks)
     cfg = ckpt.config
     max_seq_len = min(max_seq_len, cfg.max_context)
     sched = cfg.schedule()
@@ -22,6 +23,10 @@ def describe(checkpoint: Path | None, config: str | None = None, max_seq_len: in
         f"architecture    dim {cfg.dim}, {cfg.n_layers} stored blocks, {cfg.n_applied} applied, "
         f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv heads (head_dim {cfg.head_dim}), ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}",
         f"layer sharing   {cfg.sharing} (block order {preview})",
+    ]
+    if ckpt.sharing_detected:
+        lines.append(f"                detected: {ckpt.sharing_detected}")
+    lines += [
         f"embedding       {'shared with output projection' if cfg.share_embedding else 'separate lm_head'}",
         f"rope / norm     theta {cfg.rope_theta:g}, rms eps {cfg.norm_eps:g}, max context {cfg.max_context}",
         f"parameters      {unique:,} unique, {cfg.applied_params():,} applied (as an unrolled, untied model)",

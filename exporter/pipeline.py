@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ParityError, UserError
 from .export_model import ExportModel, ExportSettings
 from .memory import human
-from .quantize import fake_quantized_twin
+from .quantize import QuantMethod, QuantizedModel, calibration_windows, fake_quantized_twin, quantize_model
 from .targets import TargetModule, TargetOptions, load_target
 from .tokenizer import load_tokenizer, parity_tokens
 
@@ -37,6 +37,7 @@ class ExportOptions:
     thresholds: dict[str, float] = field(default_factory=dict)
     name: str | None = None
     recipe: Any = None  # a loaded Recipe: the checkpoint must be the recipe's model
+    method: QuantMethod = field(default_factory=QuantMethod)
 
 
 def log(msg: str) -> None:
@@ -71,6 +72,13 @@ def _divisor_hint(*widths: int) -> str:
     return " or ".join(str(d) for d in (128, 64, 32, 16) if g % d == 0) or str(g)
 
 
+def quantize(model: ExportModel, scheme: Any, calibration: list[Any], target: str) -> QuantizedModel:
+    t0 = time.time()
+    quantized = quantize_model(model, scheme, calibration or None)
+    log(f"[{target}] quantized the weights ({quantized.method}) in {time.time() - t0:.1f}s")
+    return quantized
+
+
 def manifest_for(name: str, module: TargetModule, ckpt: Checkpoint, opts: TargetOptions, artifact: Any, files: dict[str, Any],
                  parity: dict[str, Any] | None, tokenizer_name: str | None) -> dict[str, Any]:
     cfg = ckpt.config
@@ -95,6 +103,7 @@ def manifest_for(name: str, module: TargetModule, ckpt: Checkpoint, opts: Target
             "norm_eps": cfg.norm_eps, "unique_params": cfg.unique_params(),
         },
         "source": {"checkpoint": ckpt.source.name, "format": ckpt.source_format, "dtype": ckpt.source_dtype},
+        "quantization": {"method": opts.method.to_dict()},
         "io": artifact.io,
         "target_info": artifact.info,
         "files": files,
@@ -115,12 +124,13 @@ def run_export(options: ExportOptions) -> list[Path]:
         options.recipe.check_matches(ckpt.config)
     if ckpt.tokenizer_path is None:
         raise UserError(f"{ckpt.source}: no tokenizer.model or tokenizer.json beside the checkpoint; pass --tokenizer PATH")
-    opts = TargetOptions(options.bits, options.group_size, options.embedding_bits, options.max_seq_len, options.fuse)
+    opts = TargetOptions(options.bits, options.group_size, options.embedding_bits, options.max_seq_len, options.fuse, options.method)
     settings = ExportSettings(max_seq_len=options.max_seq_len, fuse=options.fuse)
     check_group_size(ckpt, opts)
     ExportModel(ckpt.config, settings)  # validates --max-seq-len before any target work
     tokens = parity_tokens(load_tokenizer(ckpt.tokenizer_path), heldout_text(), 512, ckpt.config.vocab_size, ckpt.config.bos_id)
     reference = ReferenceRuntime(ckpt.model)
+    calibration = calibration_windows(ckpt, options.method, options.max_seq_len)
 
     written: list[Path] = []
     failed: list[str] = []
@@ -131,7 +141,8 @@ def run_export(options: ExportOptions) -> list[Path]:
         log(f"[{module.NAME}] exporting {ckpt.source.name} at {opts.bits} bits ...")
         with staged_dir(final) as tmp:
             model = ExportModel.from_reference(ckpt.model, settings)
-            artifact = module.export(model, ckpt, opts, tmp)
+            quantized = quantize(model, module.quant_scheme(opts), calibration, module.NAME)
+            artifact = module.export(model, quantized, ckpt, opts, tmp)
             export_seconds = time.time() - t0
             # Timings differ run to run: logged, kept out of the manifest so bundles are reproducible.
             timings = {k: artifact.info.pop(k) for k in [k for k in artifact.info if k.endswith("_seconds")]}
@@ -141,8 +152,7 @@ def run_export(options: ExportOptions) -> list[Path]:
             shutil.copy(ckpt.tokenizer_path, tmp / tok_name)
             parity_summary = None
             if options.parity:
-                twin_fn = getattr(module, "twin", None)
-                twin = twin_fn(model, opts) if twin_fn else fake_quantized_twin(model, module.quant_scheme(opts))
+                twin = fake_quantized_twin(model, quantized)
                 log(f"[{module.NAME}] computing reference and twin outputs ...")
                 golden = compute_golden({"reference": reference, "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len)
                 golden.save(tmp / GOLDEN_FILE)

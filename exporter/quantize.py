@@ -1,15 +1,23 @@
-"""Weight rounding rules and the fake-quantized twin of an export model.
+"""The one weight quantizer every target uses, and the fake-quantized twin built from its output.
 
-Each target's quantizer rounds weights its own way (scale rule, range, scale storage dtype). The
-twin applies *exactly* that rounding in PyTorch, so validation can tell lowering error (artifact vs
-twin) from quantization error (twin vs fp32 reference).
+Codes, scales and zero points are computed here, once per export, and each target writes them
+verbatim into its format (MatMulNBits, constexpr_blockwise_shift_scale, torchao/XNNPACK tensors).
+The twin dequantizes the very same numbers, so artifact vs twin is a pure lowering check and twin vs
+reference is the quantization error.
+
+What a runtime can store (bits, group size, the dtype it keeps scales in, whether it has zero
+points) is a `WeightQuant`; how codes are chosen inside those limits is the scale rule plus, when a
+calibration Hessian is given, GPTQ's error-compensating rounding. Measured on a real 135M model
+(SmolLM2-135M, MobileLLM-125M's shape; README "Quantization" has the table), the defaults are:
+searched clipping (`mse`), zero points where the format has them, GPTQ on every linear.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Literal
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -17,68 +25,417 @@ from torch import Tensor, nn
 from .errors import UserError
 from .export_model import ExportModel
 
-# How a symmetric int-N scale is chosen from a group:
-# - "torchao": scale = amax / ((qmax - qmin) / 2), q in [qmin, qmax] (torchao MappingType.SYMMETRIC)
+# How a group's scale (and zero point) is chosen:
+# - "torchao": scale = amax / ((qmax - qmin) / 2) (torchao MappingType.SYMMETRIC; clips the positive extreme)
 # - "signed_extreme": the signed value of largest magnitude maps to qmin exactly (onnxruntime MatMulNBits)
 # - "restricted": scale = amax / qmax, q in [-qmax, qmax] (coremltools linear_symmetric)
-ScaleRule = Literal["torchao", "signed_extreme", "restricted"]
+# - "mse": searched clipping: the scale (and zero point) among a grid of clipping ratios, refined by
+#   least squares, that minimizes the group's squared error weighted by the input's second moment.
+ScaleRule = Literal["torchao", "signed_extreme", "restricted", "mse"]
+SCALE_RULES: tuple[str, ...] = ("torchao", "signed_extreme", "restricted", "mse")
+ActivationRounding = Literal["none", "int8_per_token", "int8_blockwise"]
 
 
 @dataclass(frozen=True)
 class WeightQuant:
+    """How one weight is stored (the runtime's limits) and which rule picks its codes."""
+
     bits: int  # 4, 8 or 16 (16 = store as `float_dtype`, no integer rounding)
     group_size: int | None = None  # None: one scale per output row
-    scale_rule: ScaleRule = "torchao"
+    scale_rule: ScaleRule = "mse"
     scale_dtype: torch.dtype = torch.float32  # the dtype the runtime keeps scales in
     float_dtype: torch.dtype = torch.float32  # for bits == 16
+    zero_points: bool = False  # the format stores an integer zero point per group (asymmetric codes)
     # The runtime rounds this layer's *input* to symmetric int8 per block of `act_block` along the
     # input dim (scale amax/127), e.g. onnxruntime MatMulNBits accuracy_level 4. None: not rounded.
     act_block: int | None = None
 
     def qrange(self) -> tuple[int, int]:
+        if self.scale_rule == "restricted" and not self.zero_points:
+            return -(2 ** (self.bits - 1)) + 1, 2 ** (self.bits - 1) - 1
         return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
 
-    def quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """Integer codes [rows, cols] and scales [rows, groups] (already rounded to scale_dtype)."""
-        rows, cols = w.shape
+    def group(self, cols: int) -> int:
         group = self.group_size or cols
         if cols % group:
             raise UserError(f"group size {group} does not divide input width {cols}; pick a divisor of every layer width (e.g. 32)")
-        g = w.float().reshape(rows, cols // group, group)
-        qmin, qmax = self.qrange()
-        amax = g.abs().amax(dim=-1, keepdim=True)
-        if self.scale_rule == "torchao":
-            scale = amax / ((qmax - qmin) / 2)
-        elif self.scale_rule == "restricted":
-            scale = amax / qmax
-        else:
-            idx = g.abs().argmax(dim=-1, keepdim=True)
-            scale = g.gather(-1, idx) / qmin
-        eps = torch.finfo(torch.float32).eps
-        scale = torch.where(scale.abs() < eps, torch.full_like(scale, eps), scale)
-        q = torch.clamp(torch.round(g / scale), qmin, -qmin - 1 if self.scale_rule != "restricted" else qmax)
-        scale = scale.to(self.scale_dtype).float()
-        return q.reshape(rows, cols).to(torch.int8), scale.squeeze(-1)
+        return group
+
+    def quantize(self, w: Tensor, hessian: Tensor | None = None) -> QuantizedWeight:
+        """Codes, scales and zero points for `w` [rows, cols]; GPTQ when a Hessian [cols, cols] is given."""
+        if self.bits >= 16:
+            raise ValueError("a 16-bit weight is stored as floats, not quantized")
+        w = w.detach().float()
+        if hessian is not None:
+            return gptq(w, hessian, self)
+        col_weight = None
+        return _round_groups(w, self, col_weight)
 
     def fake(self, w: Tensor) -> Tensor:
+        """`w` as the runtime holds it (round-to-nearest codes, no calibration)."""
         if self.bits >= 16:
             return w.to(self.float_dtype).to(w.dtype)
-        q, scale = self.quantize(w)
-        rows, cols = w.shape
-        group = self.group_size or cols
-        deq = q.float().reshape(rows, cols // group, group) * scale.unsqueeze(-1)
-        return deq.reshape(rows, cols).to(w.dtype)
+        return self.quantize(w).dequantize().to(w.dtype)
 
 
-def fake_quant_int8_per_token(x: Tensor) -> Tensor:
-    """Dynamic asymmetric int8 per-token activation rounding (XNNPACK's 8da4w / torchao)."""
+@dataclass
+class QuantizedWeight:
+    """What a format stores for one weight: dequantized value = (codes - zeros) * scales, per group."""
+
+    codes: Tensor  # int8 [rows, cols], in the WeightQuant's qrange
+    scales: Tensor  # float32 [rows, groups], exactly representable in the format's scale dtype
+    zeros: Tensor | None  # int8 [rows, groups] in the qrange, or None (symmetric: zero point 0)
+    wq: WeightQuant
+
+    @property
+    def group_size(self) -> int:
+        return self.codes.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> Tensor:
+        rows, cols = self.codes.shape
+        g = self.codes.float().reshape(rows, -1, self.group_size)
+        if self.zeros is not None:
+            g = g - self.zeros.float().unsqueeze(-1)
+        return (g * self.scales.unsqueeze(-1)).reshape(rows, cols)
+
+
+# ----------------------------------------------------------------------------- scale rules
+_MSE_GRID = torch.linspace(0.6, 1.0, 11)
+
+
+def _store(scale: Tensor, wq: WeightQuant) -> Tensor:
+    """The scale as the runtime will hold it (rounded to its dtype, never zero)."""
+    tiny = torch.finfo(torch.float32).smallest_normal if wq.scale_dtype == torch.float32 else torch.finfo(wq.scale_dtype).tiny
+    scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny).copysign(scale), scale)
+    return scale.to(wq.scale_dtype).float()
+
+
+def _codes(g: Tensor, scale: Tensor, zero: Tensor | None, qmin: int, qmax: int, torchao_rounding: bool = False) -> Tensor:
+    x = g * (1.0 / scale) if torchao_rounding else g / scale
+    if zero is not None:
+        x = x + zero
+    return torch.clamp(torch.round(x), qmin, qmax)
+
+
+def _error(g: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, col_weight: Tensor | None) -> Tensor:
+    deq = (q - zero if zero is not None else q) * scale
+    err = (g - deq) ** 2
+    if col_weight is not None:
+        err = err * col_weight
+    return err.sum(-1, keepdim=True)
+
+
+def _params_for(g: Tensor, wq: WeightQuant, col_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Scale [..., 1] (stored dtype) and zero point [..., 1] (or None) for groups `g` [..., group]."""
+    qmin, qmax = wq.qrange()
+    rule = wq.scale_rule
+    amax = g.abs().amax(-1, keepdim=True)
+    if wq.zero_points:
+        lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
+
+        def candidate(r: float) -> tuple[Tensor, Tensor | None]:
+            scale = _store((hi - lo) * r / (qmax - qmin), wq)
+            return scale, torch.clamp(torch.round(qmin - lo * r / scale), qmin, qmax)
+
+        if rule != "mse":
+            return candidate(1.0)
+        candidates = [candidate(r) for r in _MSE_GRID.tolist()]
+    elif rule == "torchao":
+        return _store((amax / ((qmax - qmin) / 2)).clamp(min=torch.finfo(torch.float32).smallest_normal), wq), None
+    elif rule == "restricted":
+        return _store(amax / qmax, wq), None
+    else:
+        extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True))
+        if rule == "signed_extreme":
+            return _store(extreme / qmin, wq), None
+        # Both signs of the extreme: the side that maps to qmin has one more level.
+        candidates = [(_store(base * r, wq), None) for r in _MSE_GRID.tolist() for base in (extreme / qmin, amax / qmax)]
+    best = None
+    for scale, zero in candidates:
+        err = _error(g, _codes(g, scale, zero, qmin, qmax), scale, zero, col_weight)
+        if best is None:
+            best = (err, scale, zero)
+        else:
+            better = err < best[0]
+            best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+                    None if zero is None else torch.where(better, zero, best[2]))  # type: ignore[arg-type]
+    err, scale, zero = best  # type: ignore[misc]
+    # A least-squares step on the winner's codes, kept where it lowers the error.
+    fitted, _ = _refine(g, scale, zero, wq, col_weight)
+    fitted_err = _error(g, _codes(g, fitted, zero, qmin, qmax), fitted, zero, col_weight)
+    return torch.where(fitted_err < err, fitted, scale), zero
+
+
+def _refine(g: Tensor, scale: Tensor, zero: Tensor | None, wq: WeightQuant, col_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One least-squares step: with the codes fixed, the scale that minimizes the weighted error."""
+    qmin, qmax = wq.qrange()
+    q = _codes(g, scale, zero, qmin, qmax)
+    centered = q - zero if zero is not None else q
+    wgt = col_weight if col_weight is not None else torch.ones_like(g)
+    num = (g * centered * wgt).sum(-1, keepdim=True)
+    den = (centered * centered * wgt).sum(-1, keepdim=True)
+    fitted = torch.where(den > 0, num / den.clamp(min=1e-30), scale)
+    fitted = torch.where(fitted.abs() > 0, fitted, scale)
+    return _store(fitted, wq), zero
+
+
+def _round_groups(w: Tensor, wq: WeightQuant, col_weight: Tensor | None) -> QuantizedWeight:
+    rows, cols = w.shape
+    group = wq.group(cols)
+    g = w.reshape(rows, cols // group, group)
+    cw = None if col_weight is None else col_weight.reshape(1, cols // group, group)
+    scale, zero = _params_for(g, wq, cw)
+    qmin, qmax = wq.qrange()
+    q = _codes(g, scale, zero, qmin, qmax, torchao_rounding=wq.scale_rule == "torchao")
+    return QuantizedWeight(
+        codes=q.reshape(rows, cols).to(torch.int8),
+        scales=scale.squeeze(-1),
+        zeros=None if zero is None else zero.squeeze(-1).to(torch.int8),
+        wq=wq,
+    )
+
+
+# ----------------------------------------------------------------------------- GPTQ
+GPTQ_DAMP = 0.01
+GPTQ_BLOCK = 128
+
+
+def gptq(w: Tensor, hessian: Tensor, wq: WeightQuant) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): quantize columns left to right, spreading each column's rounding
+    error over the columns not yet quantized through the inverse Hessian of the layer's inputs.
+    A group's scale and zero point are chosen (by `wq.scale_rule`, weighted by diag(H)) when the
+    first column of the group is reached, from the error-updated weights."""
+    rows, cols = w.shape
+    group = wq.group(cols)
+    qmin, qmax = wq.qrange()
+    W = w.clone().float()
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = GPTQ_DAMP * torch.diag(H).mean()
+    for _ in range(4):  # more damping if float32 Cholesky finds H numerically indefinite
+        try:
+            hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H + damp * torch.eye(cols))), upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            damp = damp * 10
+    else:
+        raise RuntimeError("GPTQ: the calibration Hessian is not positive definite even after damping")
+    H = H + damp * torch.eye(cols)
+    diag = torch.diag(H).float()
+    codes = torch.zeros(rows, cols, dtype=torch.int8)
+    scales = torch.zeros(rows, cols // group)
+    zeros = torch.zeros(rows, cols // group, dtype=torch.int8) if wq.zero_points else None
+    scale = zero = None
+    for b0 in range(0, cols, GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, cols)
+        Wb = W[:, b0:b1].clone()
+        err_b = torch.zeros_like(Wb)
+        hb = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % group == 0:
+                g_cols = Wb[:, i : i + group].float() if i + group <= b1 - b0 else W[:, col : col + group].float()
+                scale, zero = _params_for(g_cols.unsqueeze(1), wq, diag[col : col + group].reshape(1, 1, -1))
+                scale, zero = scale.reshape(rows, 1), None if zero is None else zero.reshape(rows, 1)
+                scales[:, col // group] = scale[:, 0]
+                if zeros is not None and zero is not None:
+                    zeros[:, col // group] = zero[:, 0].to(torch.int8)
+            x = Wb[:, i : i + 1].float()
+            q = _codes(x, scale, zero, qmin, qmax)  # type: ignore[arg-type]
+            codes[:, col] = q[:, 0].to(torch.int8)
+            deq = ((q - zero) if zero is not None else q) * scale  # type: ignore[operator]
+            e = (x - deq) / hb[i, i]
+            Wb[:, i:] -= e @ hb[i : i + 1, i:]
+            err_b[:, i : i + 1] = e
+        W[:, b1:] -= err_b @ hinv[b0:b1, b1:]
+    return QuantizedWeight(codes, scales, zeros, wq)
+
+
+# ----------------------------------------------------------------------------- calibration
+@torch.no_grad()
+def collect_hessians(model: ExportModel, token_windows: Iterable[Tensor]) -> dict[str, Tensor]:
+    """H = sum x x^T of every linear's input over the calibration windows, keyed like `weight_names`.
+
+    A shared block's linear sees every one of its applications, so its H covers both input
+    distributions; the output projection's H comes from the final normed hidden states."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def add(name: str, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        sums[name] = sums.get(name, 0) + x.T @ x  # type: ignore[operator]
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    hooks = []
+    for b, block in enumerate(model.blocks):
+        for name, child in block.named_children():
+            if isinstance(child, nn.Linear):
+                key = f"blocks.{b}.{name}.weight"
+                hooks.append(child.register_forward_pre_hook(lambda _m, args, key=key: add(key, args[0])))
+    out_key = "output.weight" if model.output is not None else "tok_embeddings.weight"
+    original_project = model.project
+    model.project = lambda h: (add(out_key, h), original_project(h))[1]  # type: ignore[method-assign]
+    try:
+        for window in token_windows:
+            model.reset_cache()
+            model(window.reshape(1, -1), torch.tensor([0]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        del model.project
+        model.reset_cache()
+    return {k: (v / counts[k]).float() for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------- a model's weights
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one target stores and computes: the quantizer and the twin follow it exactly."""
+
+    linear: WeightQuant
+    embedding: WeightQuant
+    output: WeightQuant  # the output projection
+    activations: ActivationRounding = "none"  # int8_per_token: XNNPACK's dynamic qd8 (8da4w/8da8w)
+    compute_dtype: torch.dtype = torch.float32
+    # Whether a shared embedding's output projection is stored as its own tensor (rounded by
+    # `output`), or the projection reads the embedding's stored tensor (one copy).
+    separate_output: bool = False
+    # Per-weight overrides (mixed precision): parameter name -> its WeightQuant.
+    overrides: tuple[tuple[str, WeightQuant], ...] = ()
+
+    @property
+    def int8_dynamic_activations(self) -> bool:
+        return self.activations == "int8_per_token"
+
+    def for_weight(self, name: str) -> WeightQuant:
+        for key, wq in self.overrides:
+            if key == name:
+                return wq
+        if name == "tok_embeddings.weight":
+            return self.embedding
+        if name == "output.weight":
+            return self.output
+        return self.linear
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """How codes are chosen within the format's limits (the user's choice; recipes' `method`)."""
+
+    scale_rule: ScaleRule | None = None  # None: the default rule "mse"
+    asymmetric: bool = True  # use zero points where the format stores them
+    gptq: bool = True  # data-aware rounding from the calibration text
+    calibration_tokens: int = 2048
+
+    def apply(self, wq: WeightQuant, has_zero_points: bool) -> WeightQuant:
+        if wq.bits >= 16:
+            return wq
+        return replace(wq, scale_rule=self.scale_rule or "mse", zero_points=self.asymmetric and has_zero_points)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale_rule": self.scale_rule or "mse", "asymmetric": self.asymmetric, "gptq": self.gptq,
+                "calibration_tokens": self.calibration_tokens}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "QuantMethod":
+        return cls(scale_rule=raw.get("scale_rule"), asymmetric=bool(raw.get("asymmetric", True)), gptq=bool(raw.get("gptq", True)),
+                   calibration_tokens=int(raw.get("calibration_tokens", 2048)))
+
+    def describe(self) -> str:
+        parts = [self.scale_rule or "mse", "asymmetric" if self.asymmetric else "symmetric"]
+        if self.gptq:
+            parts.append(f"gptq ({self.calibration_tokens} calibration tokens)")
+        return ", ".join(parts)
+
+
+def calibration_windows(ckpt: Any, method: QuantMethod, max_seq_len: int) -> list[Tensor]:
+    """GPTQ's calibration input: the shipped calibration text (disjoint from the parity text) in
+    windows of at most 512 tokens, BOS first, about `method.calibration_tokens` in all."""
+    from .assets import calibration_text
+    from .tokenizer import load_tokenizer
+
+    if not method.gptq:
+        return []
+    tokenizer = load_tokenizer(ckpt.tokenizer_path)
+    if tokenizer is None:
+        raise UserError(f"{ckpt.tokenizer_path}: the tokenizer cannot be read, so GPTQ has no calibration text; "
+                        "fix the tokenizer or pass --quant-method rtn")
+    cfg = ckpt.config
+    ids = [i for i in tokenizer.encode(calibration_text()) if 0 <= i < cfg.vocab_size]
+    step = max(2, min(512, max_seq_len - 1)) - 1
+    count = max(1, min(len(ids) // step, math.ceil(method.calibration_tokens / (step + 1))))
+    return [torch.tensor([cfg.bos_id] + ids[i * step : (i + 1) * step]) for i in range(count)]
+
+
+def weight_names(model: ExportModel, scheme: QuantScheme) -> dict[str, Tensor]:
+    """Every stored weight matrix the scheme rounds, by parameter name (shared blocks once)."""
+    out: dict[str, Tensor] = {}
+    for b, block in enumerate(model.blocks):
+        for name, child in block.named_children():
+            if isinstance(child, nn.Linear):
+                out[f"blocks.{b}.{name}.weight"] = child.weight
+    out["tok_embeddings.weight"] = model.tok_embeddings.weight
+    if model.output is not None:
+        out["output.weight"] = model.output.weight
+    elif scheme.separate_output:
+        out["output.weight"] = model.tok_embeddings.weight
+    return out
+
+
+@dataclass
+class QuantizedModel:
+    """Every stored weight's codes/scales/zero points (or float storage), computed once."""
+
+    scheme: QuantScheme
+    weights: dict[str, QuantizedWeight | Tensor]  # Tensor: a float weight (16-bit), already cast
+    method: str
+
+    def __getitem__(self, name: str) -> QuantizedWeight | Tensor:
+        return self.weights[name]
+
+    def dequantized(self, name: str) -> Tensor:
+        value = self.weights[name]
+        return value.dequantize() if isinstance(value, QuantizedWeight) else value.float()
+
+
+@torch.no_grad()
+def quantize_model(model: ExportModel, scheme: QuantScheme, calibration: list[Tensor] | None = None,
+                   progress: "callable | None" = None) -> QuantizedModel:  # type: ignore[valid-type]
+    """Quantize every stored weight of `model` as `scheme` says; GPTQ where calibration windows are
+    given (the shared embedding, read by a lookup as well as the projection, is rounded to nearest)."""
+    hessians = collect_hessians(model, calibration) if calibration else {}
+    out: dict[str, QuantizedWeight | Tensor] = {}
+    names = weight_names(model, scheme)
+    for i, (name, tensor) in enumerate(names.items()):
+        wq = scheme.for_weight(name)
+        if wq.bits >= 16:
+            out[name] = tensor.detach().to(wq.float_dtype)
+            continue
+        hessian = hessians.get(name) if name != "tok_embeddings.weight" else None
+        if name == "output.weight" and model.output is None and not scheme.separate_output:
+            hessian = None
+        out[name] = wq.quantize(tensor, hessian)
+        if progress is not None and i % 20 == 0:
+            progress(f"quantized {i + 1}/{len(names)} weights")
+    return QuantizedModel(scheme, out, "gptq" if hessians else "round-to-nearest")
+
+
+# ----------------------------------------------------------------------------- activation rounding
+def xnnpack_fake_quant_int8_per_token(x: Tensor) -> Tensor:
+    """XNNPACK's dynamic qd8 quantization (xnn_f32_qd8_asymmetric_quantization_params + convert):
+    inverse scale 255 / (max(0, max) - min(0, min)), zero point nudged from the side with less error,
+    q = clamp(rint(x * inv_scale) + zp), dequantized as (q - zp) / inv_scale."""
     x32 = x.float()
-    lo = x32.amin(-1, keepdim=True).clamp(max=0)
-    hi = x32.amax(-1, keepdim=True).clamp(min=0)
-    scale = ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).eps)
-    zero = torch.clamp(-128 - torch.round(lo / scale), -128, 127)
-    q = torch.clamp(torch.round(x32 / scale) + zero, -128, 127)
-    return ((q - zero) * scale).to(x.dtype)
+    rmin = x32.amin(-1, keepdim=True).clamp(max=0)
+    rmax = x32.amax(-1, keepdim=True).clamp(min=0)
+    same = rmin == rmax
+    inv = torch.where(same, torch.ones_like(rmin), 255.0 / torch.where(same, torch.ones_like(rmin), rmax - rmin))
+    lo, hi = rmin * inv, rmax * inv
+    zp = torch.where((-128.0 + lo) + (127.0 + hi) > 0, -128.0 - lo, 127.0 - hi).clamp(-128, 127).round()
+    q = torch.clamp(torch.round(x32 * inv) + zp, -128, 127)
+    return ((q - zp) * (1.0 / inv)).to(x.dtype)
 
 
 def fake_quant_int8_blockwise(x: Tensor, block: int) -> Tensor:
@@ -90,18 +447,9 @@ def fake_quant_int8_blockwise(x: Tensor, block: int) -> Tensor:
     return (torch.clamp(torch.round(g * inv), -127, 127) * scale).reshape(x32.shape).to(x.dtype)
 
 
-@dataclass(frozen=True)
-class QuantScheme:
-    """How one target stores and computes: the twin follows it exactly."""
-
-    linear: WeightQuant
-    embedding: WeightQuant
-    output: WeightQuant  # the output projection (same tensor as the embedding when shared and stored once)
-    int8_dynamic_activations: bool = False
-    compute_dtype: torch.dtype = torch.float32
-
-
 class _ActivationFakeQuant(nn.Module):
+    """A linear whose input the runtime rounds first (per token, or per block of the input dim)."""
+
     def __init__(self, linear: nn.Module, block: int | None = None) -> None:
         super().__init__()
         self.linear, self.block = linear, block
@@ -109,32 +457,59 @@ class _ActivationFakeQuant(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.block is not None:
             return self.linear(fake_quant_int8_blockwise(x, self.block))
-        return self.linear(fake_quant_int8_per_token(x))
+        return self.linear(xnnpack_fake_quant_int8_per_token(x))
 
 
+def _with_activation_rounding(linear: nn.Module, scheme: QuantScheme, wq: WeightQuant) -> nn.Module:
+    if scheme.int8_dynamic_activations and wq.bits < 16:
+        return _ActivationFakeQuant(linear)
+    if wq.act_block is not None and wq.bits < 16:
+        return _ActivationFakeQuant(linear, wq.act_block)
+    return linear
+
+
+# ----------------------------------------------------------------------------- the twin
 @torch.no_grad()
-def fake_quantized_twin(model: ExportModel, scheme: QuantScheme) -> ExportModel:
-    """A copy of `model` whose weights (and activations, where the target quantizes them) are rounded
-    exactly as the target rounds them. Shared weights stay shared in the twin."""
+def fake_quantized_twin(model: ExportModel, quantized: QuantizedModel) -> ExportModel:
+    """A copy of `model` holding exactly the weights the artifact stores (dequantized), with the
+    runtime's activation rounding in front of each quantized linear. Shared blocks stay shared."""
+    scheme = quantized.scheme
     twin = copy.deepcopy(model)  # deepcopy keeps aliasing: shared blocks stay one module
-    for block in twin.blocks:
+    for b, block in enumerate(twin.blocks):
         for name, child in list(block.named_children()):
             if isinstance(child, nn.Linear):
-                child.weight.copy_(scheme.linear.fake(child.weight))
-                if scheme.int8_dynamic_activations:
-                    setattr(block, name, _ActivationFakeQuant(child))
-                elif scheme.linear.act_block is not None:
-                    setattr(block, name, _ActivationFakeQuant(child, scheme.linear.act_block))
-    emb = twin.tok_embeddings.weight
-    if twin.output is None and scheme.output != scheme.embedding:
-        # Separately stored output projection: its own rounding, its own tensor.
-        twin.output = nn.Linear(emb.shape[1], emb.shape[0], bias=False)
-        twin.output.weight = nn.Parameter(scheme.output.fake(emb), requires_grad=False)
-    elif twin.output is not None:
-        twin.output.weight.copy_(scheme.output.fake(twin.output.weight))
-    emb.copy_(scheme.embedding.fake(emb))
-    if scheme.int8_dynamic_activations and twin.output is not None:
-        twin.output = _ActivationFakeQuant(twin.output)
-    elif scheme.output.act_block is not None and twin.output is not None:
-        twin.output = _ActivationFakeQuant(twin.output, scheme.output.act_block)
+                key = f"blocks.{b}.{name}.weight"
+                child.weight = nn.Parameter(quantized.dequantized(key), requires_grad=False)
+                setattr(block, name, _with_activation_rounding(child, scheme, scheme.for_weight(key)))
+    emb = nn.Parameter(quantized.dequantized("tok_embeddings.weight"), requires_grad=False)
+    twin.tok_embeddings.weight = emb
+    if twin.output is not None or scheme.separate_output:
+        out = nn.Linear(emb.shape[1], emb.shape[0], bias=False)
+        out.weight = nn.Parameter(quantized.dequantized("output.weight"), requires_grad=False)
+        twin.output = _with_activation_rounding(out, scheme, scheme.output)  # type: ignore[assignment]
+    elif scheme.output.act_block is not None and scheme.embedding.bits < 16:
+        # The projection reads the embedding's stored tensor; the runtime rounds its input.
+        out = nn.Linear(emb.shape[1], emb.shape[0], bias=False)
+        out.weight = emb
+        twin.output = _ActivationFakeQuant(out, scheme.output.act_block)  # type: ignore[assignment]
     return twin.to(scheme.compute_dtype)
+
+
+def storage_bits_per_weight(wq: WeightQuant) -> float:
+    """Stored bits per weight including scales and zero points (the size model's unit)."""
+    if wq.bits >= 16:
+        return 8.0 * torch.tensor([], dtype=wq.float_dtype).element_size()
+    scale_bits = 8 * torch.tensor([], dtype=wq.scale_dtype).element_size()
+    group = wq.group_size
+    per_group = scale_bits + (wq.bits if wq.zero_points else 0)
+    return wq.bits + (per_group / group if group else 0.0)
+
+
+def nbytes(rows: int, cols: int, wq: WeightQuant) -> int:
+    """Bytes one [rows, cols] weight takes in storage (codes, scales, zero points)."""
+    if wq.bits >= 16:
+        return rows * cols * torch.tensor([], dtype=wq.float_dtype).element_size()
+    groups = cols // (wq.group_size or cols)
+    scale_bytes = torch.tensor([], dtype=wq.scale_dtype).element_size()
+    zero_bytes = math.ceil(groups * wq.bits / 8) if wq.zero_points else 0
+    return rows * (cols * wq.bits // 8 + groups * scale_bytes + zero_bytes)

@@ -22,10 +22,12 @@ else:  # pragma: no cover
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "model": {"name": str, "preset": str, "hub_id": str},
-    "export": {"target": str, "bits": int, "group_size": int, "embedding_bits": int, "max_seq_len": int, "fuse": bool},
+    "export": {"target": str, "bits": int, "group_size": int, "embedding_bits": int, "max_seq_len": int, "fuse": bool,
+               "quant_method": str, "symmetric": bool},
     "parity": {"thresholds": dict},
 }
-_CHOICES = {"target": ("executorch", "coreml", "onnx", "all"), "bits": (4, 8, 16), "embedding_bits": (4, 8, 16)}
+_CHOICES = {"target": ("executorch", "coreml", "onnx", "all"), "bits": (4, 8, 16), "embedding_bits": (4, 8, 16),
+            "quant_method": ("gptq", "mse", "rtn")}
 
 
 @dataclass

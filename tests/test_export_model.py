@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mobilellm.exporter.export_model import ExportModel, ExportSettings, run_sequence, unique_storages
-from mobilellm.exporter.quantize import QuantScheme, WeightQuant, fake_quantized_twin
+from mobilellm.exporter.quantize import QuantScheme, WeightQuant, fake_quantized_twin, quantize_model
 
 from conftest import random_model, tiny_config
 
@@ -77,11 +77,12 @@ def test_max_seq_len_is_checked() -> None:
 def test_twin_rounds_weights_and_keeps_sharing(tokens: torch.Tensor) -> None:
     ref = random_model(tiny_config(sharing="immediate"))
     model = ExportModel.from_reference(ref, ExportSettings(max_seq_len=32))
-    w4 = WeightQuant(4, 32)
-    twin = fake_quantized_twin(model, QuantScheme(w4, WeightQuant(8), WeightQuant(8)))
+    w4, w8 = WeightQuant(4, 32, "torchao"), WeightQuant(8, scale_rule="torchao")
+    twin = fake_quantized_twin(model, quantize_model(model, QuantScheme(w4, w8, w8)))
     assert len(unique_storages(twin)) == len(unique_storages(model))
     w = twin.blocks[0].wqkv.weight
-    q, scale = w4.quantize(model.blocks[0].wqkv.weight)
+    qw = w4.quantize(model.blocks[0].wqkv.weight)
+    q, scale = qw.codes, qw.scales
     assert q.min() >= -8 and q.max() <= 7
     torch.testing.assert_close(w, (q.float().reshape(w.shape[0], -1, 32) * scale[..., None]).reshape(w.shape))
     # 16 distinct values at most per group

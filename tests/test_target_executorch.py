@@ -15,6 +15,7 @@ from torch import nn
 
 from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.export_model import ExportModel, ExportSettings
+from mobilellm.exporter.quantize import QuantizedWeight, WeightQuant, fake_quantized_twin, quantize_model
 from mobilellm.exporter.targets import executorch as et
 from mobilellm.exporter.targets.base import TargetOptions
 from mobilellm.validation.metrics import compare_logits, perplexity
@@ -44,8 +45,9 @@ def _export(tmp_path_factory: pytest.TempPathFactory, sharing: str, opts: Target
     ref = random_model(cfg)
     model = ExportModel.from_reference(ref, ExportSettings(max_seq_len=opts.max_seq_len))
     bundle = tmp_path_factory.mktemp(name)
-    art = et.export(model, None, opts, bundle)  # type: ignore[arg-type]
-    return model, bundle, art
+    quantized = quantize_model(model, et.quant_scheme(opts))
+    art = et.export(model, quantized, None, opts, bundle)
+    return model, bundle, art, quantized
 
 
 def _tokens(n: int = TOTAL, seed: int = 3) -> np.ndarray:
@@ -84,10 +86,22 @@ def test_weight_rounding_matches_torchao_exactly():
         lin = nn.Linear(128, 96, bias=False)
         lin.weight.data.copy_(w)
         quantize_(lin, Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, f"int{bits}"), weight_granularity=gran))
-        wq = et.WeightQuant(bits, group_size=gs, scale_rule="torchao", scale_dtype=torch.float32)
-        q, scale = et.torchao_quantize(w, wq)
+        wq = WeightQuant(bits, group_size=gs, scale_rule="torchao", scale_dtype=torch.float32)
+        qw = wq.quantize(w)
+        q, scale = qw.codes, qw.scales
         assert torch.equal(q, lin.weight.qdata.to(torch.int8))
         assert torch.equal(scale, lin.weight.scale.float().reshape(scale.shape))
+
+
+def test_our_codes_become_torchaos_tensor_unchanged():
+    """The .pte is built from the quantizer's codes and scales handed to torchao's tensor type as they
+    are: torchao dequantizes them to exactly the twin's weights (bf16-representable scales included)."""
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1)) * 0.08
+    for wq in (WeightQuant(4, 32, "mse", scale_dtype=torch.bfloat16), WeightQuant(8, None, "mse")):
+        qw = wq.quantize(w)
+        tensor = et._torchao_weight(qw, activations=True)
+        assert torch.equal(tensor.dequantize(), qw.dequantize())
+        assert torch.equal(qw.scales.to(torch.bfloat16).float(), qw.scales) or wq.scale_dtype != torch.bfloat16
 
 
 def test_quant_scheme_describes_the_runtime():
@@ -105,9 +119,11 @@ def test_group_size_that_does_not_divide_a_width_is_refused(tmp_path):
     cfg = tiny_config(vocab_size=VOCAB)  # dim 64, ffn 96
     model = ExportModel.from_reference(random_model(cfg), ExportSettings(max_seq_len=MAX_SEQ))
     with pytest.raises(UserError, match=r"--group-size 64 does not divide the input width 96 "):
-        et.export(model, None, TargetOptions(bits=4, group_size=64, max_seq_len=MAX_SEQ), tmp_path)  # type: ignore[arg-type]
+        et.check_group_size(cfg, TargetOptions(bits=4, group_size=64, max_seq_len=MAX_SEQ))
     with pytest.raises(UserError, match=r"--group-size 48 does not divide the input width 64 "):
-        et.export(model, None, TargetOptions(bits=4, group_size=48, max_seq_len=MAX_SEQ), tmp_path)  # type: ignore[arg-type]
+        et.check_group_size(cfg, TargetOptions(bits=4, group_size=48, max_seq_len=MAX_SEQ))
+    with pytest.raises(UserError, match=r"group size 48 does not divide input width 64"):  # the quantizer refuses too
+        quantize_model(model, et.quant_scheme(TargetOptions(bits=4, group_size=48, max_seq_len=MAX_SEQ)))
     # 8-bit weights with 8-bit embeddings are per-channel: no group size involved
     et.check_group_size(cfg, TargetOptions(bits=8, group_size=64))
     assert not (tmp_path / "model.pte").exists()
@@ -124,9 +140,9 @@ def test_q4_pte_matches_twin_and_quant_error_is_the_twins(q4):
     the positions that are not such near-ties (top-1 margin above the measured max |pte - twin|),
     >= 97% on all positions, and every disagreement must be a near tie.
     """
-    model, bundle, art, opts = q4
+    model, bundle, art, quantized, opts = q4
     rt = et.open_runtime(bundle, {"artifact": "model.pte"})
-    twin_rt, ref_rt = TorchRuntime(et.fake_quantized_twin(model, opts)), TorchRuntime(model)
+    twin_rt, ref_rt = TorchRuntime(fake_quantized_twin(model, quantized)), TorchRuntime(model)
     pte, twin, ref, targets = [], [], [], []
     for seed in range(4):
         tokens = _tokens(seed=seed)
@@ -157,7 +173,7 @@ def test_q4_pte_matches_twin_and_quant_error_is_the_twins(q4):
 
 
 def test_q4_artifact_metadata_and_sizes(q4):
-    model, bundle, art, opts = q4
+    model, bundle, art, _, opts = q4
     assert art.files[0] == "model.pte" and (bundle / "model.pte").is_file()
     assert art.info["pte_bytes"] == (bundle / "model.pte").stat().st_size
     assert art.info["minimum_bytes"] <= art.info["pte_bytes"]
@@ -176,7 +192,7 @@ def test_q4_artifact_metadata_and_sizes(q4):
 def test_stock_runner_generates_from_the_pte(q4):
     """The stock C++ TextLLMRunner loads the .pte + SentencePiece tokenizer and its greedy tokens are
     exactly greedy decoding of the same .pte through executorch.runtime."""
-    model, bundle, art, opts = q4
+    model, bundle, art, _, opts = q4
     tok = _tokenizer()
     if not tok.is_file():
         pytest.skip("default tokenizer asset missing")
@@ -200,8 +216,8 @@ def test_stock_runner_generates_from_the_pte(q4):
 def test_immediate_sharing_pte_stores_weights_once(f32, f32_shared):
     """Immediate sharing (0,0,1,1) runs each block twice: same stored weights, so the .pte may grow
     only by graph (not weights); and the unrolled shared program still equals the reference."""
-    _, _, art, _ = f32
-    model_ls, bundle_ls, art_ls, opts = f32_shared
+    _, _, art, _, _ = f32
+    model_ls, bundle_ls, art_ls, _, opts = f32_shared
     plain, shared = art.info["pte_bytes"], art_ls.info["pte_bytes"]
     print(f"\nsharing: plain {plain} B, immediate-shared {shared} B (+{(shared / plain - 1) * 100:.2f}%)")
     assert shared <= plain * 1.02, (plain, shared)
@@ -218,7 +234,7 @@ def test_immediate_sharing_pte_stores_weights_once(f32, f32_shared):
 
 # ----------------------------------------------------------------------------- 16 bits = reference
 def test_f32_pte_equals_reference(f32):
-    model, bundle, art, opts = f32
+    model, bundle, art, _, opts = f32
     tokens = _tokens()
     rt = et.open_runtime(bundle, {"artifact": "model.pte"})
     pte = run_runtime(rt, tokens, PREFILL)

@@ -18,7 +18,7 @@ import torch
 
 from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.export_model import ExportModel, ExportSettings, unique_storages
-from mobilellm.exporter.quantize import WeightQuant, fake_quantized_twin
+from mobilellm.exporter.quantize import QuantMethod, QuantizedModel, WeightQuant, fake_quantized_twin, quantize_model
 from mobilellm.exporter.targets import onnx as onnx_target
 from mobilellm.exporter.targets.base import TargetOptions
 from mobilellm.validation.metrics import compare_logits, perplexity
@@ -37,12 +37,14 @@ class Exported:
     bundle: Path
     artifact: Any
     graph: onnx_target.GraphOptions
+    quantized: QuantizedModel
 
 
 def _export(tmp: Path, model: ExportModel, opts: TargetOptions, graph: onnx_target.GraphOptions | None = None, ckpt: Any = None) -> Exported:
     graph = graph or onnx_target.GraphOptions()
-    art = onnx_target.export(model, ckpt, opts, tmp, graph=graph)
-    return Exported(model, opts, tmp, art, graph)
+    quantized = quantize_model(model, onnx_target.quant_scheme(opts, graph))
+    art = onnx_target.export(model, quantized, ckpt, opts, tmp, graph=graph)
+    return Exported(model, opts, tmp, art, graph, quantized)
 
 
 def _tokens(vocab: int, n: int = PREFILL + DECODE, seed: int = 3) -> np.ndarray:
@@ -92,7 +94,7 @@ def test_onnxruntime_matches_twin_and_reference(exported: Exported, fp32_logits:
     tokens = _tokens(model.config.vocab_size)
     ort_out = run_runtime(onnx_target.open_runtime(exported.bundle, {}, threads=1), tokens, PREFILL)
     scheme = onnx_target.quant_scheme(opts, exported.graph)
-    twin_out = run_runtime(TorchRuntime(fake_quantized_twin(model, scheme)), tokens, PREFILL)
+    twin_out = run_runtime(TorchRuntime(fake_quantized_twin(model, exported.quantized)), tokens, PREFILL)
 
     lowering = _assert_lowering(scheme, ort_out, twin_out)
     rounds_activations = any(w.act_block for w in (scheme.linear, scheme.output))
@@ -130,8 +132,8 @@ def test_unfused_graph_and_unfused_linears_match_twin(tmp_path: Path) -> None:
     tokens = _tokens(model.config.vocab_size)
     for i, graph in enumerate((onnx_target.GraphOptions.unfused(), onnx_target.GraphOptions(rotary="op", accuracy_level_4bit=0))):
         scheme = onnx_target.quant_scheme(opts, graph)
-        twin_out = run_runtime(TorchRuntime(fake_quantized_twin(model, scheme)), tokens, PREFILL)
         ex = _export(tmp_path / str(i), model, opts, graph)
+        twin_out = run_runtime(TorchRuntime(fake_quantized_twin(model, ex.quantized)), tokens, PREFILL)
         out = run_runtime(onnx_target.open_runtime(ex.bundle, {}, threads=1), tokens, PREFILL)
         _assert_lowering(scheme, out, twin_out)
         onnx.checker.check_model(str(ex.bundle / onnx_target.MODEL_FILE), full_check=True)
@@ -185,6 +187,9 @@ def _expected_initializers(model: ExportModel, opts: TargetOptions) -> tuple[int
             count, nbytes = count + 1, nbytes + n * k * 2
         else:
             count, nbytes = count + 2, nbytes + n * k * wq.bits // 8 + n * (k // wq.group_size) * 4
+            if wq.zero_points:  # uint8, two 4-bit zero points a byte
+                blocks = k // wq.group_size
+                count, nbytes = count + 1, nbytes + n * (-(-blocks // 2) if wq.bits == 4 else blocks)
     if any(b.attention_norm is None for b in model.blocks):
         count, nbytes = count + 1, nbytes + model.config.dim * 4  # one shared ones-gain for folded norms
     cfg = model.config
@@ -201,7 +206,7 @@ def test_initializers_are_the_unique_weights(exported: Exported) -> None:
     assert report["duplicates"] == []  # no two initializers hold the same bytes
     assert (exported.bundle / onnx_target.DATA_FILE).stat().st_size == nbytes  # the external data is exactly the weights
     # Unique weight storages in the PyTorch module (shared blocks and embedding counted once).
-    assert len(unique_storages(exported.model)) == len([n for n in report["names"] if not n.endswith(".scales") and not n.startswith("rope.")])
+    assert len(unique_storages(exported.model)) == len([n for n in report["names"] if not n.endswith((".scales", ".zero_points")) and not n.startswith("rope.")])
 
     cfg, n_app = exported.model.config, len(exported.model.schedule)
     inits = set(report["names"])
@@ -293,7 +298,8 @@ def test_export_writes_tokenizer_from_checkpoint(tmp_path: Path) -> None:
 
     model = ExportModel.from_reference(random_model(tiny_config(n_layers=1)), ExportSettings(max_seq_len=16))
     ckpt = SimpleNamespace(tokenizer_path=DEFAULT_MODEL_DIR / "tokenizer.model")
-    art = onnx_target.export(model, ckpt, TargetOptions(bits=8, max_seq_len=16), tmp_path)  # type: ignore[arg-type]
+    opts = TargetOptions(bits=8, max_seq_len=16)
+    art = onnx_target.export(model, quantize_model(model, onnx_target.quant_scheme(opts)), ckpt, opts, tmp_path)  # type: ignore[arg-type]
     assert {"genai_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(art.files)
 
 
@@ -314,9 +320,11 @@ def test_scale_rule_is_onnxruntimes_quantizer(bits: int) -> None:
     scales = np.zeros(n * (k // block), np.float32)
     zp = np.zeros((n, k // block), np.uint8)
     (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, np.ascontiguousarray(w.numpy().T), scales, zp, block, n, k, True)
-    wq = onnx_target.quant_scheme(TargetOptions(bits=bits)).linear
+    rtn = QuantMethod(scale_rule="signed_extreme", asymmetric=False, gptq=False)
+    wq = onnx_target.quant_scheme(TargetOptions(bits=bits, method=rtn)).linear
     assert wq == WeightQuant(bits, 32, "signed_extreme", torch.float32, act_block=32)
-    ours_packed, ours_scales = onnx_target.pack_nbits(w, wq)
+    ours_packed, ours_scales, zeros = onnx_target.pack_nbits(wq.quantize(w))
+    assert zeros is None
     np.testing.assert_array_equal(ours_scales.reshape(-1), scales)
     differ = (ours_packed != packed).mean()
     assert differ <= 1e-4, differ
@@ -335,11 +343,11 @@ def test_accuracy_level_4_rule(bits: int) -> None:
     n, k = 96, 128
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.08
     wq = onnx_target.quant_scheme(TargetOptions(bits=bits), onnx_target.GraphOptions(accuracy_level_4bit=4, accuracy_level_8bit=4)).linear
-    assert wq.act_block == 32
-    packed, scales = onnx_target.pack_nbits(w, wq)
-    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=4)
+    assert wq.act_block == 32 and wq.zero_points  # the default method stores zero points
+    packed, scales, zeros = onnx_target.pack_nbits(wq.quantize(w))
+    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=4)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")])
+                              [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S"), numpy_helper.from_array(zeros, "Z")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = torch.randn(1, 5, k, generator=torch.Generator().manual_seed(2))
@@ -347,6 +355,28 @@ def test_accuracy_level_4_rule(bits: int) -> None:
     twin = (fake_quant_int8_blockwise(x, 32) @ wq.fake(w).T).numpy()
     exact = (x @ wq.fake(w).T).numpy()
     assert np.abs(y - twin).max() < 1e-5 < 1e-3 < np.abs(y - exact).max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_points_pack_as_matmulnbits_reads_them(bits: int) -> None:
+    """Asymmetric codes: MatMulNBits (accuracy_level 0) with our packed zero points computes exactly
+    the twin's dequantized weight; odd block counts pad the last 4-bit zero-point byte."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = 48, 96  # 3 blocks of 32: an odd count
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(4)) * 0.05 + 0.01
+    qw = WeightQuant(bits, 32, "mse", zero_points=True).quantize(w)
+    assert qw.zeros is not None and bool((qw.zeros != 0).any())
+    packed, scales, zeros = onnx_target.pack_nbits(qw)
+    np.testing.assert_array_equal(onnx_target.unpack_nbits(packed, scales, bits, zeros), qw.dequantize().numpy())
+    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S"), numpy_helper.from_array(zeros, "Z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    x = torch.randn(1, 3, k, generator=torch.Generator().manual_seed(5))
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(y, (x @ qw.dequantize().T).numpy(), atol=1e-5)
 
 
 def test_options_are_checked() -> None:

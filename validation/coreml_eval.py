@@ -207,6 +207,39 @@ _op("minimum")(_binary(np.minimum))
 _op("pow")(_binary(np.power))
 
 
+def _compare(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Op:
+    """MIL comparison (iOS15 elementwise_binary with a bool result): x, y of one type T in {fp16, fp32,
+    int32}, numpy broadcasting. Compared exactly: every fp16/fp32 value is exact in float64, every
+    int32 in int64 (a float32 compare would merge int32 values above 2^24)."""
+
+    def run(a: dict[str, Any], ev: "CoreMLEvaluator") -> Any:
+        x, y = np.asarray(a["x"]), np.asarray(a["y"])
+        if x.dtype.kind == "f" or y.dtype.kind == "f":
+            return fn(x.astype(np.float64), y.astype(np.float64))
+        return fn(x.astype(np.int64), y.astype(np.int64))
+
+    return run
+
+
+# coremltools' guard_negative_gather_indices pass (iOS17+, gather with signed dynamic indices, e.g. token
+# ids once the vocab exceeds int16 so add_int16_cast leaves them int32) emits
+# select(greater_equal(i, 0), i, i + D[axis]).
+_op("greater_equal")(_compare(np.greater_equal))
+
+
+@_op("select")
+def _select(a: dict[str, Any], ev: "CoreMLEvaluator") -> Any:
+    """MIL select (iOS15 control_flow): `a` where `cond` is True, else `b`; cond bool, a and b of one
+    type T in {fp16, fp32, int32, bool}; cond, a and b broadcast numpy-style. The values are copied,
+    never recomputed (int ids stay exact)."""
+    if a.get("a") is None or a.get("b") is None:
+        raise UnsupportedOpError("select without both `a` and `b` (the indices-of-True form) is not supported")
+    cond = np.asarray(a["cond"])
+    if cond.dtype != np.bool_:
+        raise ValueError(f"select: cond must be bool, got {cond.dtype}")
+    return np.where(cond, np.asarray(a["a"]), np.asarray(a["b"]))
+
+
 @_op("floor_div")
 def _floor_div(a: dict[str, Any], ev: "CoreMLEvaluator") -> Any:
     return np.floor_divide(np.asarray(a["x"]), np.asarray(a["y"]))
@@ -305,10 +338,16 @@ def _shape(a: dict[str, Any], ev: "CoreMLEvaluator") -> Any:
 def _gather(a: dict[str, Any], ev: "CoreMLEvaluator") -> Any:
     if int(a.get("batch_dims", 0)) != 0:
         raise UnsupportedOpError("gather with batch_dims != 0 is not supported")
-    x, idx = np.asarray(a["x"]), np.asarray(a["indices"]).astype(np.int64)
+    x, idx = np.asarray(a["x"]), np.asarray(a["indices"])
+    if idx.dtype.kind not in "iu":
+        raise ValueError(f"gather: indices must be integers, got {idx.dtype}")
+    idx = idx.astype(np.int64)
     axis = int(a.get("axis", 0)) % x.ndim
-    if np.any(idx >= x.shape[axis]) or np.any(idx < -x.shape[axis]):
-        raise IndexError(f"gather index out of range for axis size {x.shape[axis]}")
+    # iOS17+ gather takes only indices in [0, D[axis]): negative ones are out of bounds (the converter
+    # guards them with select/greater_equal); before iOS17 -D[axis] <= i < 0 counts from the end.
+    low = 0 if ev.opset_version >= 7 else -x.shape[axis]
+    if np.any(idx >= x.shape[axis]) or np.any(idx < low):
+        raise IndexError(f"gather index out of range [{low}, {x.shape[axis]}) (opset {ev.opset})")
     return np.take(x, idx, axis=axis)
 
 
@@ -468,6 +507,8 @@ class CoreMLEvaluator:
             raise ValueError(f"{self.package}: no function {function!r}")
         fn = prog.functions[function]
         self.opset = fn.opset
+        # "CoreML7" = iOS17, "CoreML8" = iOS18: op semantics that changed between opsets key on it
+        self.opset_version = int(fn.opset[len("CoreML"):]) if fn.opset.startswith("CoreML") and fn.opset[len("CoreML"):].isdigit() else 0
         self.block = fn.block_specializations[fn.opset]
         self.inputs = {i.name: _tensor_type(i.type) for i in fn.inputs if i.type.WhichOneof("type") != "stateType"}
         self.states = {i.name: _tensor_type(i.type) for i in fn.inputs if i.type.WhichOneof("type") == "stateType"}
@@ -544,7 +585,15 @@ class CoreMLEvaluator:
             x = np.asarray(inputs[name])
             if len(dims) != x.ndim or any(d is not None and d != s for d, s in zip(dims, x.shape)):
                 raise ValueError(f"input {name}: shape {x.shape} does not fit {dims}")
-            env[name] = x.astype(_PROTO_DTYPES[dtype])
+            want = np.dtype(_PROTO_DTYPES[dtype])
+            if want.kind in "iu":
+                # token ids and the like: never through a float (fp16 is exact only up to 2048), never wrapped
+                if x.dtype.kind not in "iub":
+                    raise ValueError(f"input {name}: the program declares {want}, got {x.dtype} values")
+                info = np.iinfo(want)
+                if x.size and (x.min() < info.min or x.max() > info.max):
+                    raise ValueError(f"input {name}: values {x.min()}..{x.max()} do not fit {want}")
+            env[name] = x.astype(want)
         if self.states:
             if state is None:
                 raise ValueError("this program has states: pass state=evaluator.make_state()")

@@ -20,14 +20,21 @@ from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.model import KVState, MobileLLM
 from mobilellm.exporter.targets.base import TargetRuntime
 
-from .metrics import compare_logits, perplexity
+from .metrics import compare_logits, compare_top_k, perplexity, top_k
 from .sequences import run_runtime
 
 GOLDEN_FILE = "golden.npz"
-DECODE_STEPS = 8
-PREFILL_TOKENS = 16
+# Every parity run feeds PARITY_TOKENS held-out tokens (fewer if the context is shorter): a prefill of
+# all but the last DECODE_STEPS, then one token per decode step. Perplexity, top-1 and KL cover every
+# position; full logits are kept for the decode positions (cosine / max-abs checks).
+PARITY_TOKENS = 288
+DECODE_STEPS = 16
+TOP_K = 64  # log-probs kept per position: KL is measured over these ids plus one "rest" bucket
+GENERATE_PROMPT = 16
 GENERATE_TOKENS = 16
-PPL_TOKENS = 192
+# A position counts for `top1_decisive` when the expected top-1 leads its runner-up by more than this
+# many nats: below it, lowering noise or 4-bit rounding legitimately flips near-ties.
+DECISIVE_MARGIN = 0.5
 AGAINST = ("reference", "twin")
 
 
@@ -63,14 +70,17 @@ def greedy(runtime: TargetRuntime, prompt: np.ndarray, count: int) -> np.ndarray
 class Golden:
     tokens: np.ndarray  # prefill tokens followed by one token per decode step
     prefill: int
-    ppl_tokens: np.ndarray
-    logits: dict[str, np.ndarray]  # against -> [len(tokens), vocab]
-    ppl: dict[str, float]
+    top_ids: dict[str, np.ndarray]  # against -> [len(tokens), TOP_K] int32, best first
+    top_logprobs: dict[str, np.ndarray]  # against -> [len(tokens), TOP_K] float32 log-softmax values
+    logits: dict[str, np.ndarray]  # against -> [decode steps, vocab]: full logits of the decode positions
+    ppl: dict[str, float]  # over every position of `tokens`
     greedy: dict[str, np.ndarray]
 
     def save(self, path: Path) -> None:
-        arrays: dict[str, Any] = {"tokens": self.tokens, "prefill": np.int64(self.prefill), "ppl_tokens": self.ppl_tokens}
+        arrays: dict[str, Any] = {"tokens": self.tokens, "prefill": np.int64(self.prefill)}
         for who in AGAINST:
+            arrays[f"{who}_top_ids"] = self.top_ids[who]
+            arrays[f"{who}_top_logprobs"] = self.top_logprobs[who]
             arrays[f"{who}_logits"] = self.logits[who]
             arrays[f"{who}_ppl"] = np.float64(self.ppl[who])
             arrays[f"{who}_greedy"] = self.greedy[who]
@@ -88,47 +98,54 @@ class Golden:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return cls(
-                    tokens=z["tokens"], prefill=int(z["prefill"]), ppl_tokens=z["ppl_tokens"],
+                    tokens=z["tokens"], prefill=int(z["prefill"]),
+                    top_ids={w: z[f"{w}_top_ids"] for w in AGAINST}, top_logprobs={w: z[f"{w}_top_logprobs"] for w in AGAINST},
                     logits={w: z[f"{w}_logits"] for w in AGAINST}, ppl={w: float(z[f"{w}_ppl"]) for w in AGAINST},
                     greedy={w: z[f"{w}_greedy"] for w in AGAINST},
                 )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise UserError(f"{path}: corrupt golden data ({exc}); re-export the bundle or pass --checkpoint") from None
 
 
-def golden_inputs(all_tokens: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, int, np.ndarray]:
-    """Split held-out tokens into (prefill+decode tokens, prefill length, perplexity window)."""
-    seq = all_tokens[: PREFILL_TOKENS + DECODE_STEPS]
-    ppl_len = min(PPL_TOKENS, max_seq_len - 1, len(all_tokens))
-    return seq, PREFILL_TOKENS, all_tokens[:ppl_len]
+def golden_inputs(all_tokens: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, int]:
+    """The parity tokens (at most PARITY_TOKENS, within the context) and the prefill length."""
+    count = min(PARITY_TOKENS, max_seq_len - 1, len(all_tokens))
+    decode = min(DECODE_STEPS, max(1, count // 4))
+    return all_tokens[:count], count - decode
 
 
 def compute_golden(runtimes: dict[str, TargetRuntime], all_tokens: np.ndarray, max_seq_len: int) -> Golden:
-    tokens, prefill, ppl_tokens = golden_inputs(all_tokens, max_seq_len)
-    logits, ppl, gen = {}, {}, {}
+    tokens, prefill = golden_inputs(all_tokens, max_seq_len)
+    top_ids, top_lp, logits, ppl, gen = {}, {}, {}, {}, {}
     for who in AGAINST:
         rt = runtimes[who]
-        logits[who] = run_runtime(rt, tokens, prefill)
-        rt.reset()
-        ppl[who] = perplexity(rt.forward(ppl_tokens[:-1], 0), ppl_tokens[1:])
-        gen[who] = greedy(rt, tokens[:prefill], GENERATE_TOKENS)
-    return Golden(tokens, prefill, ppl_tokens, logits, ppl, gen)
+        full = run_runtime(rt, tokens, prefill)
+        top_ids[who], top_lp[who] = top_k(full, TOP_K)
+        logits[who] = full[prefill:]
+        ppl[who] = perplexity(full[:-1], tokens[1:])
+        gen[who] = greedy(rt, tokens[:GENERATE_PROMPT], GENERATE_TOKENS)
+    return Golden(tokens, prefill, top_ids, top_lp, logits, ppl, gen)
 
 
 # ------------------------------------------------------------------------------ thresholds
 # (metric, op, value): op ">=" means the measured value must be at least the threshold.
 DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
-    16: {"reference.top1_agreement": 1.0, "reference.min_cosine": 0.999, "reference.ppl_delta": 0.01,
-         "twin.top1_agreement": 1.0, "twin.min_cosine": 0.999, "twin.ppl_delta": 0.01, "twin.generation_match": 1.0},
-    8: {"reference.top1_agreement": 0.95, "reference.min_cosine": 0.99, "reference.ppl_delta": 0.05,
-        "twin.top1_agreement": 0.99, "twin.min_cosine": 0.995, "twin.ppl_delta": 0.02, "twin.generation_match": 0.5},
-    4: {"reference.top1_agreement": 0.75, "reference.min_cosine": 0.95, "reference.ppl_delta": 0.30,
-        "twin.top1_agreement": 0.99, "twin.min_cosine": 0.99, "twin.ppl_delta": 0.03, "twin.generation_match": 0.5},
+    16: {"reference.top1_decisive": 1.0, "reference.kl_divergence": 0.002, "reference.ppl_delta": 0.01,
+         "twin.top1_decisive": 1.0, "twin.kl_divergence": 0.002, "twin.min_cosine": 0.999, "twin.ppl_delta": 0.01,
+         "twin.generation_match": 1.0},
+    8: {"reference.top1_decisive": 0.97, "reference.kl_divergence": 0.02, "reference.ppl_delta": 0.03,
+        "twin.top1_decisive": 0.99, "twin.kl_divergence": 0.01, "twin.min_cosine": 0.99, "twin.ppl_delta": 0.01,
+        "twin.generation_match": 0.5},
+    4: {"reference.top1_decisive": 0.85, "reference.kl_divergence": 0.15, "reference.ppl_delta": 0.15,
+        "twin.top1_decisive": 0.98, "twin.kl_divergence": 0.02, "twin.min_cosine": 0.98, "twin.ppl_delta": 0.02,
+        "twin.generation_match": 0.25},
 }
 # Metrics where smaller is better; every other metric must be at least its threshold.
 _AT_MOST = {"ppl_delta", "max_kl_divergence", "kl_divergence", "max_abs", "mean_abs"}
-KNOWN_METRICS = {"top1_agreement", "top5_overlap", "min_cosine", "cosine", "kl_divergence", "max_kl_divergence",
-                 "max_abs", "mean_abs", "ppl_delta", "generation_match"}
+KNOWN_METRICS = {"top1_agreement", "top1_decisive", "top5_overlap", "min_cosine", "cosine", "kl_divergence",
+                 "max_kl_divergence", "max_abs", "mean_abs", "ppl_delta", "generation_match"}
+# Metrics that need full logits: measured on the decode positions only (the golden data keeps those).
+FULL_LOGIT_METRICS = {"min_cosine", "cosine", "max_abs", "mean_abs"}
 
 
 def resolve_thresholds(bits: int, overrides: dict[str, float] | None = None) -> dict[str, float]:
@@ -186,6 +203,16 @@ def _step_slices(golden: Golden) -> list[tuple[str, slice]]:
     return steps
 
 
+def _metrics(logits: np.ndarray, golden: Golden, who: str, positions: slice) -> dict[str, float]:
+    """Top-k metrics over `positions`; full-logit metrics too where those positions are decode steps."""
+    out = compare_top_k(logits[positions], golden.top_ids[who][positions], golden.top_logprobs[who][positions], DECISIVE_MARGIN)
+    start, stop = positions.start, positions.stop
+    if start >= golden.prefill:
+        full = compare_logits(logits[positions], golden.logits[who][start - golden.prefill : stop - golden.prefill])
+        out.update({k: full[k] for k in FULL_LOGIT_METRICS})
+    return out
+
+
 def _match_length(a: np.ndarray, b: np.ndarray) -> int:
     n = 0
     for x, y in zip(a.tolist(), b.tolist()):
@@ -198,21 +225,21 @@ def _match_length(a: np.ndarray, b: np.ndarray) -> int:
 def run_parity(runtime: TargetRuntime, golden: Golden, thresholds: dict[str, float],
                progress: Callable[[str], None] | None = None) -> ParityResult:
     say = progress or (lambda _msg: None)
-    say("prefill + decode")
+    say(f"prefill {golden.prefill} tokens + {len(golden.tokens) - golden.prefill} decode steps")
     logits = run_runtime(runtime, golden.tokens, golden.prefill)
-    say("perplexity")
-    runtime.reset()
-    artifact_ppl = perplexity(runtime.forward(golden.ppl_tokens[:-1], 0), golden.ppl_tokens[1:])
+    artifact_ppl = perplexity(logits[:-1], golden.tokens[1:])
     say("greedy generation")
-    generated = greedy(runtime, golden.tokens[: golden.prefill], len(golden.greedy["reference"]))
+    generated = greedy(runtime, golden.tokens[:GENERATE_PROMPT], len(golden.greedy["reference"]))
 
     steps: dict[str, list[dict[str, Any]]] = {}
     overall: dict[str, dict[str, float]] = {}
+    everything = slice(0, len(golden.tokens))
     for who in AGAINST:
-        expected = golden.logits[who]
-        steps[who] = [{"step": name, "positions": s.stop - s.start, **compare_logits(logits[s], expected[s])} for name, s in _step_slices(golden)]
-        overall[who] = compare_logits(logits, expected)
-    ppl = {"tokens": int(len(golden.ppl_tokens)), "artifact": artifact_ppl, **{who: golden.ppl[who] for who in AGAINST}}
+        steps[who] = [{"step": name, "positions": s.stop - s.start, **_metrics(logits, golden, who, s)} for name, s in _step_slices(golden)]
+        overall[who] = _metrics(logits, golden, who, everything)
+        decode = compare_logits(logits[golden.prefill :], golden.logits[who])
+        overall[who].update({k: decode[k] for k in FULL_LOGIT_METRICS})
+    ppl = {"tokens": int(len(golden.tokens)), "artifact": artifact_ppl, **{who: golden.ppl[who] for who in AGAINST}}
     for who in AGAINST:
         ppl[f"delta_vs_{who}"] = (artifact_ppl - golden.ppl[who]) / golden.ppl[who]
     gen = {"tokens": int(len(generated)), "artifact": generated.tolist()}
@@ -233,12 +260,12 @@ def run_parity(runtime: TargetRuntime, golden: Golden, thresholds: dict[str, flo
             value, step = gen[f"match_vs_{who}"] / max(1, gen["tokens"]), "generation"
         elif metric in ("min_cosine", "max_kl_divergence", "max_abs"):
             # Per-step checks: the report names the worst step.
-            rows = steps[who]
+            rows = [r for r in steps[who] if metric in r]
             worst = min(rows, key=lambda r: r[metric]) if op == ">=" else max(rows, key=lambda r: r[metric])
             value, step = worst[metric], worst["step"]
         else:
             value = overall[who][metric]
-            failing = [r["step"] for r in steps[who] if not ok(r[metric])]
+            failing = [r["step"] for r in steps[who] if metric in r and not ok(r[metric])]
             step = "all" if ok(value) or not failing else f"all (first at {failing[0]})"
         result.checks.append(Check(key, ok(value), float(value), threshold, op, step))
     return result

@@ -10,7 +10,7 @@ from xml.etree import ElementTree as ET
 from .parity import ParityResult
 
 REPORT_SCHEMA = "mobilellm-export/parity"
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 REPORT_FILES = ("parity.json", "parity.md", "parity.junit.xml")
 SCHEMA_PATH = Path(__file__).resolve().parent / "parity.schema.json"
 
@@ -35,16 +35,18 @@ def markdown(report: dict[str, Any]) -> str:
         f"### Parity: {report['bundle']} — **{status}**",
         "",
         f"target `{report['target']}`, {report['bits']}-bit weights, {report['embedding_bits']}-bit embedding; "
-        f"compared with the fp32 reference and the fake-quant twin on prefill ({report['steps']['reference'][0]['positions']} tokens) "
-        f"+ {len(report['steps']['reference']) - 1} decode steps.",
+        f"compared with the fp32 reference and the fake-quant twin on prefill ({report['steps']['reference'][0]['positions']} held-out tokens) "
+        f"+ {len(report['steps']['reference']) - 1} decode steps. Top-1 (decisive): only positions whose expected top-1 leads by "
+        "more than the tie margin; KL over the expected top-64 tokens plus the rest; cosine and max abs on the decode steps.",
         "",
-        "| against | max abs | mean abs | min cosine | top-1 | top-5 overlap | KL (mean / max) |",
+        "| against | top-1 | top-1 (decisive) | top-5 overlap | KL (mean / max) | min cosine | max abs |",
         "|---|---|---|---|---|---|---|",
     ]
     for who, m in report["overall"].items():
         lines.append(
-            f"| {who} | {_fmt(m['max_abs'])} | {_fmt(m['mean_abs'])} | {m['min_cosine']:.6f} | {m['top1_agreement'] * 100:.1f}% "
-            f"| {m['top5_overlap'] * 100:.1f}% | {_fmt(m['kl_divergence'])} / {_fmt(m['max_kl_divergence'])} |"
+            f"| {who} | {m['top1_agreement'] * 100:.1f}% | {m['top1_decisive'] * 100:.1f}% of {m['decisive_positions']} "
+            f"| {m['top5_overlap'] * 100:.1f}% | {_fmt(m['kl_divergence'])} / {_fmt(m['max_kl_divergence'])} "
+            f"| {m['min_cosine']:.6f} | {_fmt(m['max_abs'])} |"
         )
     p, g = report["perplexity"], report["generation"]
     lines += [

@@ -11,7 +11,7 @@ from mobilellm.exporter.bundle import integrity_problems, read_manifest
 from mobilellm.exporter.checkpoint import load_checkpoint
 from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.export_model import ExportModel, ExportSettings
-from mobilellm.exporter.quantize import fake_quantized_twin
+from mobilellm.exporter.quantize import QuantMethod, calibration_windows, fake_quantized_twin, quantize_model
 from mobilellm.exporter.targets import TargetOptions, load_target
 from mobilellm.exporter.tokenizer import load_tokenizer, parity_tokens
 
@@ -25,8 +25,9 @@ def _log(msg: str) -> None:
 
 
 def options_from_manifest(manifest: dict[str, Any]) -> TargetOptions:
+    method = QuantMethod.from_dict(manifest.get("quantization", {}).get("method", {}))
     return TargetOptions(bits=manifest["bits"], group_size=manifest["group_size"], embedding_bits=manifest["embedding_bits"],
-                         max_seq_len=manifest["max_context"])
+                         max_seq_len=manifest["max_context"], method=method)
 
 
 def golden_from_checkpoint(checkpoint: Path, manifest: dict[str, Any], config: str | None = None) -> Golden:
@@ -35,8 +36,8 @@ def golden_from_checkpoint(checkpoint: Path, manifest: dict[str, Any], config: s
     opts = options_from_manifest(manifest)
     ckpt = load_checkpoint(checkpoint, config)
     model = ExportModel.from_reference(ckpt.model, ExportSettings(max_seq_len=opts.max_seq_len))
-    twin_fn = getattr(module, "twin", None)
-    twin = twin_fn(model, opts) if twin_fn else fake_quantized_twin(model, module.quant_scheme(opts))
+    calibration = calibration_windows(ckpt, opts.method, opts.max_seq_len)
+    twin = fake_quantized_twin(model, quantize_model(model, module.quant_scheme(opts), calibration or None))
     cfg = ckpt.config
     tokens = parity_tokens(load_tokenizer(ckpt.tokenizer_path), heldout_text(), 512, cfg.vocab_size, cfg.bos_id)
     return compute_golden({"reference": ReferenceRuntime(ckpt.model), "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len)

@@ -5,8 +5,8 @@ A target module defines:
     NAME: str
     def quant_scheme(opts: TargetOptions) -> QuantScheme
         How this target rounds weights/activations; the fake-quant twin follows it exactly.
-    def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir: Path) -> ExportedArtifact
-        Lower the fp32 export model and write the artifact file(s) into `bundle_dir` (a temp dir the
+    def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir: Path) -> ExportedArtifact
+        Lower the fp32 export model, storing exactly the codes/scales in `quantized`, and write the artifact file(s) into `bundle_dir` (a temp dir the
         pipeline renames into place when everything succeeded).
     def open_runtime(bundle_dir: Path, manifest: dict) -> TargetRuntime
         Load the written artifact with the target's real runtime (or its Linux evaluator).
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..export_model import ExportModel
-from ..quantize import QuantScheme
+from ..quantize import QuantizedModel, QuantMethod, QuantScheme
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class TargetOptions:
     embedding_bits: int | None = None  # None: the target's default (8, or 16 with --bits 16)
     max_seq_len: int = 512
     fuse: bool = True
+    method: QuantMethod = field(default_factory=QuantMethod)  # how codes are chosen within the format
 
     def resolved_embedding_bits(self) -> int:
         if self.embedding_bits is not None:
@@ -62,6 +63,6 @@ class TargetModule(Protocol):
 
     def quant_scheme(self, opts: TargetOptions) -> QuantScheme: ...
 
-    def export(self, model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir: Path) -> ExportedArtifact: ...
+    def export(self, model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | None, opts: TargetOptions, bundle_dir: Path) -> ExportedArtifact: ...
 
     def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime: ...

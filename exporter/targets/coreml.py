@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..export_model import ExportBlock, ExportModel, rms_norm
-from ..quantize import QuantScheme, WeightQuant
+from ..quantize import QuantizedModel, QuantizedWeight, QuantMethod, QuantScheme, WeightQuant
 from .base import ExportedArtifact, TargetOptions
 
 NAME = "coreml"
@@ -62,15 +62,15 @@ _OUTPUT_CONST = "output_weight_to_fp16"
 
 
 # ----------------------------------------------------------------------------- quantization scheme
-def _weight_quant(bits: int, group_size: int | None) -> WeightQuant:
+def _weight_quant(bits: int, group_size: int | None, method: QuantMethod) -> WeightQuant:
     if bits == 16:
         return WeightQuant(bits=16, float_dtype=torch.float16)
     if bits not in (4, 8):
         raise UserError(f"the coreml target supports --bits 4, 8 or 16, got {bits}")
-    # coremltools linear_symmetric (optimize/_utils.py quantize_weight_by_dtype + get_quant_range):
-    # signed range [-2^(n-1)+1, 2^(n-1)-1], scale = max|w| / qmax, np.round (half to even), scale
-    # stored in the weight dtype (fp16 after fp16 conversion).
-    return WeightQuant(bits=bits, group_size=group_size, scale_rule="restricted", scale_dtype=torch.float16)
+    # constexpr_blockwise_shift_scale: int4/int8 codes, fp16 scales (the weight dtype after fp16
+    # conversion), an optional int offset (zero point) per block. scale_rule "restricted" with a
+    # symmetric method is coremltools' own linear_symmetric rule (tested).
+    return method.apply(WeightQuant(bits=bits, group_size=group_size, scale_dtype=torch.float16), has_zero_points=True)
 
 
 def quant_scheme(opts: TargetOptions) -> QuantScheme:
@@ -78,9 +78,9 @@ def quant_scheme(opts: TargetOptions) -> QuantScheme:
     when shared, stored once) at `embedding_bits`, per-channel at 8 bits, per-block at 4."""
     if opts.bits not in (4, 8, 16):
         raise UserError(f"the coreml target supports --bits 4, 8 or 16, got {opts.bits}")
-    linear = _weight_quant(opts.bits, opts.group_size if opts.bits == 4 else None)
+    linear = _weight_quant(opts.bits, opts.group_size if opts.bits == 4 else None, opts.method)
     eb = opts.resolved_embedding_bits()
-    embedding = _weight_quant(eb, opts.group_size if eb == 4 else None)
+    embedding = _weight_quant(eb, opts.group_size if eb == 4 else None, opts.method)
     # compute_dtype stays fp32: the twin isolates *weight rounding*; fp16 arithmetic is part of the
     # lowering error measured artifact-vs-twin (RMSNorm statistics are fp32 in both).
     return QuantScheme(linear=linear, embedding=embedding, output=embedding, compute_dtype=torch.float32)
@@ -241,38 +241,40 @@ def _license(ckpt: Checkpoint) -> str:
     return "unspecified: see the checkpoint's license"
 
 
-def _quant_targets(model: ExportModel, opts: TargetOptions) -> dict[str, tuple[Tensor, WeightQuant]]:
-    """MIL const name -> (fp32 source tensor, rounding rule) for every weight the scheme quantizes."""
-    scheme = quant_scheme(opts)
-    out: dict[str, tuple[Tensor, WeightQuant]] = {}
+def _quant_targets(model: ExportModel, quantized: QuantizedModel) -> dict[str, QuantizedWeight]:
+    """MIL const name -> the codes/scales/zero points the quantizer computed for that weight."""
+    names: dict[str, str] = {}
     for i, block in enumerate(model.blocks):
         for name, child in block.named_children():
             if isinstance(child, nn.Linear):
-                out[f"blocks_{i}_{name}_weight_to_fp16"] = (child.weight, scheme.linear)
-    out[_EMBED_CONST] = (model.tok_embeddings.weight, scheme.embedding)
+                names[f"blocks_{i}_{name}_weight_to_fp16"] = f"blocks.{i}.{name}.weight"
+    names[_EMBED_CONST] = "tok_embeddings.weight"
     if model.output is not None:
-        out[_OUTPUT_CONST] = (model.output.weight, scheme.output)
-    return {k: v for k, v in out.items() if v[1].bits < 16}
+        names[_OUTPUT_CONST] = "output.weight"
+    return {const: quantized[key] for const, key in names.items() if isinstance(quantized[key], QuantizedWeight)}  # type: ignore[misc]
 
 
-def _quantize(mlmodel, model: ExportModel, opts: TargetOptions) -> tuple[Any, dict[str, Any]]:
-    """Replace each weight const with constexpr_blockwise_shift_scale(int codes, fp16 scales).
+def _quantize(mlmodel, model: ExportModel, quantized: QuantizedModel) -> tuple[Any, dict[str, Any]]:
+    """Replace each weight const with constexpr_blockwise_shift_scale(int codes, fp16 scales[, offsets]).
 
-    The codes and scales come from `WeightQuant.quantize` on the *fp32* weights, i.e. the very rule
-    and code the fake-quant twin uses (coremltools' linear_symmetric rule, verified in the tests), so
-    artifact and twin hold identical integers. (Running `ct.optimize.coreml.linear_quantize_weights`
-    instead quantizes the fp16-cast weights: ~0.1% of int4 and ~1.5% of int8 codes then differ by one
-    step from any fp32-derived twin.)"""
+    The codes, scales and zero points are the one quantizer's (`quantize.quantize_model`, from the
+    fp32 weights), the very numbers the twin dequantizes, so artifact and twin hold identical
+    integers. (Running `ct.optimize.coreml.linear_quantize_weights` instead quantizes the fp16-cast
+    weights: ~0.1% of int4 and ~1.5% of int8 codes then differ by one step from any fp32-derived twin.)"""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
     from coremltools.converters.mil.mil.passes.helper import block_context_manager
     from coremltools.models.utils import _apply_graph_pass
 
-    targets = _quant_targets(model, opts)
+    targets = _quant_targets(model, quantized)
     if not targets:
         return mlmodel, {"quantized_consts": 0}
     done: list[str] = []
+
+    def ints(x: Tensor, bits: int) -> np.ndarray:
+        arr = x.numpy()
+        return arr.astype(types.np_int4_dtype) if bits == 4 else arr.astype(np.int8)
 
     class ExactBlockwiseQuantize(AbstractGraphPass):
         def apply(self, prog) -> None:
@@ -281,14 +283,14 @@ def _quantize(mlmodel, model: ExportModel, opts: TargetOptions) -> tuple[Any, di
                 for op in list(block.operations):
                     if op.op_type != "const" or op.name not in targets:
                         continue
-                    weight, wq = targets[op.name]
-                    codes, scale = wq.quantize(weight.detach().float())
-                    codes_np = codes.numpy()
-                    data = codes_np.astype(types.np_int4_dtype) if wq.bits == 4 else codes_np.astype(np.int8)
-                    scale_np = scale.numpy().reshape(codes_np.shape[0], -1).astype(np.float16)
-                    if tuple(op.outputs[0].shape) != codes_np.shape:
-                        raise RuntimeError(f"coreml export: const {op.name} has shape {op.outputs[0].shape}, weight {codes_np.shape}")
-                    new = mb.constexpr_blockwise_shift_scale(data=data, scale=scale_np, offset=None, before_op=op, name=op.name + "_quantized")
+                    qw = targets[op.name]
+                    bits = qw.wq.bits
+                    data = ints(qw.codes, bits)
+                    scale_np = qw.scales.numpy().reshape(data.shape[0], -1).astype(np.float16)
+                    offset = None if qw.zeros is None else ints(qw.zeros.reshape(data.shape[0], -1), bits)
+                    if tuple(op.outputs[0].shape) != data.shape:
+                        raise RuntimeError(f"coreml export: const {op.name} has shape {op.outputs[0].shape}, weight {data.shape}")
+                    new = mb.constexpr_blockwise_shift_scale(data=data, scale=scale_np, offset=offset, before_op=op, name=op.name + "_quantized")
                     op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True)
                     op.enclosing_block.remove_ops([op])
                     done.append(op.name)
@@ -368,7 +370,7 @@ def _stable_package_ids(package: Path) -> None:
     manifest_path.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n")
 
 
-def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir: Path) -> ExportedArtifact:
+def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | None, opts: TargetOptions, bundle_dir: Path) -> ExportedArtifact:
     import coremltools as ct
 
     quant_scheme(opts)  # validates bits
@@ -406,7 +408,7 @@ def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir
         skip_model_load=True,
     )
     t_convert = time.perf_counter() - t0
-    mlmodel, qdetail = _quantize(mlmodel, model, opts)
+    mlmodel, qdetail = _quantize(mlmodel, model, quantized)
     t_quant = time.perf_counter() - t0 - t_convert
 
     meta = _metadata(model, ckpt, opts)
@@ -452,7 +454,9 @@ def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir
         "compute_precision": "fp16; RMSNorm statistics (pow/reduce_mean/add/rsqrt/mul) fp32",
         "fp32_norm_ops": fp32_ops,
         "quantization": {
-            "linear": {4: f"int4 per-block (block {opts.group_size}, input axis), fp16 scales, linear_symmetric", 8: "int8 per-channel, fp16 scales, linear_symmetric", 16: "fp16"}[opts.bits],
+            "linear": {4: f"int4 per-block (block {opts.group_size}, input axis), fp16 scales", 8: "int8 per-channel, fp16 scales", 16: "fp16"}[opts.bits],
+            "method": opts.method.describe(),
+            "zero_points": quantized.scheme.linear.zero_points,
             "embedding": {4: f"int4 per-block ({opts.group_size})", 8: "int8 per-channel (per vocab row)", 16: "fp16"}[eb] + (" (shared with the output projection, stored once)" if cfg.share_embedding else ""),
             "op": "constexpr_blockwise_shift_scale" if opts.bits != 16 or eb != 16 else None,
             **qdetail,
@@ -471,7 +475,7 @@ def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir
         "notes": [
             "Linux parity runs validation/coreml_eval.py (numpy, per-op fp16 rounding) on the saved package; "
             "on macOS open_runtime uses MLModel.predict with make_state().",
-            "int codes/scales are computed by WeightQuant.quantize from the fp32 weights (the twin's own rule = coremltools linear_symmetric) and stored as constexpr_blockwise_shift_scale.",
+            "int codes/scales/offsets are computed once by the exporter's quantizer from the fp32 weights (the numbers the twin dequantizes) and stored as constexpr_blockwise_shift_scale.",
         ],
     }
     # Timings vary run to run; the bundle keeps only what identical inputs reproduce byte for byte.

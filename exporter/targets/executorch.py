@@ -5,23 +5,20 @@ Lowering: torch.export (dynamic prefill length 1..max_seq_len-1, KV cache as mut
 stock `TextLLMRunner` reads (`get_max_seq_len`, `get_bos_id`, `get_eos_ids`, ...).
 
 Precision (`--bits`):
-- 4: torchao `Int8DynamicActivationIntxWeightConfig(int4, PerGroup(group_size))` on every linear,
-  the output projection included ("8da4w"): int8 dynamic per-token asymmetric activations, int4
-  symmetric group-wise weights. XNNPACK stores the group scales as bf16 (the twin rounds them so).
-- 8: the same config with int8 per-output-channel weights ("8da8w"), fp32 scales.
+- 4: int4 symmetric group-wise weights on every linear, the output projection included, with int8
+  dynamic per-token activations ("8da4w", XNNPACK's qd8-f32-qb4w GEMMs). XNNPACK stores the group
+  scales as bf16 and has no weight zero points, so the quantizer picks codes for bf16 scales.
+- 8: int8 symmetric per-output-channel weights ("8da8w"), fp32 scales.
 - 16: fp32 weights and fp32 compute. XNNPACK's fp16 GEMMs are not exercised on the x86 validation
   host the way a phone runs them, and fp32 makes the artifact checkable bit-for-bit against the
   reference; so --bits 16 means "reference precision" (4 bytes a weight), not fp16 storage.
-- Embedding table: `IntxWeightOnlyConfig` int8 per row (default), int4 group-wise (`--embedding-bits
-  4`) or fp32 (16); ExecuTorch's quant-fusion pass turns it into `quantized_decomposed::embedding_byte`
-  / `embedding_4bit` (portable kernels).
+- Embedding table: int8 per row (default), int4 group-wise (`--embedding-bits 4`) or fp32 (16);
+  ExecuTorch's quant-fusion pass turns it into `quantized_decomposed::embedding_byte` /
+  `embedding_4bit` (portable kernels, fp32 scales).
 
-The twin (`fake_quantized_twin` here) replicates torchao's weight rounding (q = round(w * (1/scale)),
-scale = amax / ((qmax - qmin) / 2) clamped to the smallest normal float) and XNNPACK's runtime
-per-token activation quantization (inverse scale 255 / (max - min), nudged zero point), which the
-generic `quantize.fake_quantized_twin` cannot express exactly (it divides by the scale, uses a
-different eps, and cannot give an output projection that shares the embedding's rounding its own
-activation quantization).
+The codes and scales are the exporter's one quantizer's (`quantize.quantize_model`), handed to
+torchao's `IntxUnpackedToInt8Tensor` as they are, so the .pte holds exactly what the twin
+dequantizes; the twin also applies XNNPACK's own per-token activation rounding.
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..export_model import ExportModel, rms_norm
 from ..model import apply_rope
-from ..quantize import QuantScheme, WeightQuant
+from ..quantize import QuantizedModel, QuantizedWeight, QuantScheme, WeightQuant, nbytes
 from .base import ExportedArtifact, TargetOptions
 
 NAME = "executorch"
@@ -103,92 +100,25 @@ def _embedding_quant(opts: TargetOptions) -> WeightQuant:
     if bits == 16:
         return WeightQuant(16, float_dtype=torch.float32)
     # embedding_byte / embedding_4bit keep fp32 scales; 8-bit is one scale per row.
-    return WeightQuant(bits, group_size=opts.group_size if bits == 4 else None, scale_rule="torchao", scale_dtype=torch.float32)
+    wq = WeightQuant(bits, group_size=opts.group_size if bits == 4 else None, scale_dtype=torch.float32)
+    return opts.method.apply(wq, has_zero_points=False)
 
 
 def quant_scheme(opts: TargetOptions) -> QuantScheme:
     _check_bits(opts)
     if opts.bits == 16:
         linear = WeightQuant(16, float_dtype=torch.float32)
-        act = False
+        activations = "none"
     elif opts.bits == 8:
-        linear = WeightQuant(8, group_size=None, scale_rule="torchao", scale_dtype=torch.float32)
-        act = True
+        linear = opts.method.apply(WeightQuant(8, group_size=None, scale_dtype=torch.float32), has_zero_points=False)
+        activations = "int8_per_token"
     else:
         # XNNPACK serializes per-channel-group scales as bf16 (node_visitor.get_quant_params).
-        linear = WeightQuant(4, group_size=opts.group_size, scale_rule="torchao", scale_dtype=torch.bfloat16)
-        act = True
+        linear = opts.method.apply(WeightQuant(4, group_size=opts.group_size, scale_dtype=torch.bfloat16), has_zero_points=False)
+        activations = "int8_per_token"
     # The output projection is a separately stored linear quantized like the others (see _separate_output).
-    return QuantScheme(linear=linear, embedding=_embedding_quant(opts), output=linear, int8_dynamic_activations=act)
-
-
-# ============================================================================ exact rounding (the twin)
-def torchao_quantize(w: Tensor, wq: WeightQuant) -> tuple[Tensor, Tensor]:
-    """Codes [rows, cols] and scales [rows, groups] exactly as torchao's affine SYMMETRIC path makes them
-    (scales already rounded to `wq.scale_dtype`, as the runtime stores them)."""
-    rows, cols = w.shape
-    group = wq.group_size or cols
-    g = w.float().reshape(rows, cols // group, group)
-    qmin, qmax = wq.qrange()
-    amax = torch.maximum(-g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0))
-    scale = (amax / (float(qmax - qmin) / 2)).clamp(min=torch.finfo(torch.float32).smallest_normal)
-    q = torch.clamp(torch.round(g * (1.0 / scale)), qmin, qmax)
-    return q.reshape(rows, cols).to(torch.int8), scale.to(wq.scale_dtype).float().squeeze(-1)
-
-
-def fake_weight(w: Tensor, wq: WeightQuant) -> Tensor:
-    if wq.bits >= 16:
-        return w.to(wq.float_dtype).to(w.dtype)
-    q, scale = torchao_quantize(w, wq)
-    rows, cols = w.shape
-    group = wq.group_size or cols
-    return (q.float().reshape(rows, cols // group, group) * scale.unsqueeze(-1)).reshape(rows, cols).to(w.dtype)
-
-
-def xnnpack_fake_quant_int8_per_token(x: Tensor) -> Tensor:
-    """XNNPACK's dynamic qd8 quantization (xnn_f32_qd8_asymmetric_quantization_params + convert):
-    inverse scale 255 / (max(0, max) - min(0, min)), zero point nudged from the side with less error,
-    q = clamp(rint(x * inv_scale) + zp), dequantized as (q - zp) / inv_scale."""
-    x32 = x.float()
-    rmin = x32.amin(-1, keepdim=True).clamp(max=0)
-    rmax = x32.amax(-1, keepdim=True).clamp(min=0)
-    same = rmin == rmax
-    inv = torch.where(same, torch.ones_like(rmin), 255.0 / torch.where(same, torch.ones_like(rmin), rmax - rmin))
-    lo, hi = rmin * inv, rmax * inv
-    zp = torch.where((-128.0 + lo) + (127.0 + hi) > 0, -128.0 - lo, 127.0 - hi).clamp(-128, 127).round()
-    q = torch.clamp(torch.round(x32 * inv) + zp, -128, 127)
-    return ((q - zp) * (1.0 / inv)).to(x.dtype)
-
-
-class _ActQuantLinear(nn.Module):
-    def __init__(self, linear: nn.Module) -> None:
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear(xnnpack_fake_quant_int8_per_token(x))
-
-
-@torch.no_grad()
-def fake_quantized_twin(model: ExportModel, opts: TargetOptions) -> ExportModel:
-    """The ExportModel rounded exactly as the .pte computes it (weights by torchao's rule with the
-    runtime's scale dtype, activations by XNNPACK's qd8 rule). Shared blocks stay shared."""
-    scheme = quant_scheme(opts)
-    twin = copy.deepcopy(model)
-    for block in twin.blocks:
-        for name, child in list(block.named_children()):
-            if isinstance(child, nn.Linear):
-                child.weight = nn.Parameter(fake_weight(child.weight, scheme.linear), requires_grad=False)
-                if scheme.int8_dynamic_activations:
-                    setattr(block, name, _ActQuantLinear(child))
-    emb = twin.tok_embeddings.weight
-    out_w = twin.output.weight if twin.output is not None else emb
-    if _separate_output(opts) or twin.output is not None:
-        out = nn.Linear(emb.shape[1], emb.shape[0], bias=False)
-        out.weight = nn.Parameter(fake_weight(out_w, scheme.output), requires_grad=False)
-        twin.output = _ActQuantLinear(out) if scheme.int8_dynamic_activations else out  # type: ignore[assignment]
-    twin.tok_embeddings.weight = nn.Parameter(fake_weight(emb, scheme.embedding), requires_grad=False)
-    return twin
+    return QuantScheme(linear=linear, embedding=_embedding_quant(opts), output=linear, activations=activations,  # type: ignore[arg-type]
+                       separate_output=_separate_output(opts))
 
 
 # ============================================================================ custom-op attention
@@ -257,30 +187,51 @@ def _metadata(ckpt_cfg: Any, opts: TargetOptions, custom_ops: bool) -> dict[str,
     }
 
 
-def _quantize_for_export(model: ExportModel, opts: TargetOptions) -> ExportModel:
-    """A copy with torchao tensor subclasses in place; the output projection becomes its own linear
-    (quantized like every linear) unless --bits 16."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
+def _torchao_weight(qw: QuantizedWeight, activations: bool) -> Tensor:
+    """Our codes and scales as torchao's unpacked intx tensor (what `quantize_` would have built),
+    which ExecuTorch lowers to XNNPACK's blockwise GEMM (linears) or the quantized embedding kernels."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
 
+    zeros = qw.zeros if qw.zeros is not None else torch.zeros_like(qw.scales, dtype=torch.int8)
+    return IntxUnpackedToInt8Tensor(
+        qdata=qw.codes.to(torch.int8),
+        scale=qw.scales.float(),
+        zero_point=zeros.to(torch.int8),
+        target_dtype=getattr(torch, f"int{qw.wq.bits}"),
+        block_size=(1, qw.group_size),
+        dtype=torch.float32,
+        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if activations else None,
+    )
+
+
+def _quantize_for_export(model: ExportModel, quantized: QuantizedModel) -> ExportModel:
+    """A copy holding torchao tensors built from the quantizer's codes; the output projection becomes
+    its own linear (quantized like every linear) unless --bits 16."""
+    scheme = quantized.scheme
     m = copy.deepcopy(model)
     m.settings = dataclasses.replace(m.settings, last_logits_only=True)  # the runners read the last row only
-    if _separate_output(opts) and m.output is None:
+    if scheme.separate_output and m.output is None:
         m.output = nn.Linear(m.config.dim, m.config.vocab_size, bias=False)
-        m.output.weight = nn.Parameter(m.tok_embeddings.weight.detach().clone(), requires_grad=False)
-    eb = opts.resolved_embedding_bits()
-    if eb != 16:
-        gran = PerAxis(0) if eb == 8 else PerGroup(opts.group_size)
-        cfg = IntxWeightOnlyConfig(weight_dtype=torch.int8 if eb == 8 else torch.int4, granularity=gran)
-        quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, nn.Embedding))
-    if opts.bits != 16:
-        gran = PerAxis(0) if opts.bits == 8 else PerGroup(opts.group_size)
-        cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8 if opts.bits == 8 else torch.int4, weight_granularity=gran)
-        quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
+
+    def put(module: nn.Module, key: str, activations: bool) -> None:
+        value = quantized[key]
+        tensor = _torchao_weight(value, activations) if isinstance(value, QuantizedWeight) else value.float()
+        module.weight = nn.Parameter(tensor, requires_grad=False)
+
+    for b, block in enumerate(m.blocks):
+        for name, child in block.named_children():
+            if isinstance(child, nn.Linear):
+                put(child, f"blocks.{b}.{name}.weight", scheme.int8_dynamic_activations)
+    put(m.tok_embeddings, "tok_embeddings.weight", False)
+    if m.output is not None:
+        put(m.output, "output.weight", scheme.int8_dynamic_activations)
     return m
 
 
-def lower_to_pte(model: ExportModel, opts: TargetOptions, metadata: dict[str, Any], custom_ops: bool) -> tuple[bytes, dict[str, float]]:
+def lower_to_pte(model: ExportModel, quantized: QuantizedModel, metadata: dict[str, Any], custom_ops: bool) -> tuple[bytes, dict[str, float]]:
     """The .pte bytes and the seconds each phase took."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -289,7 +240,7 @@ def lower_to_pte(model: ExportModel, opts: TargetOptions, metadata: dict[str, An
 
     times: dict[str, float] = {}
     t = time.perf_counter()
-    qm = _quantize_for_export(model, opts)
+    qm = _quantize_for_export(model, quantized)
     module: nn.Module = _CustomOpModel(qm) if custom_ops else qm
     times["quantize"] = time.perf_counter() - t
     with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
@@ -318,23 +269,16 @@ def lower_to_pte(model: ExportModel, opts: TargetOptions, metadata: dict[str, An
     return buf, {k: round(v, 1) for k, v in times.items()}
 
 
-def _weight_bytes(rows: int, cols: int, wq: WeightQuant) -> int:
-    if wq.bits >= 16:
-        return rows * cols * torch.tensor([], dtype=wq.float_dtype).element_size()
-    groups = cols // (wq.group_size or cols)
-    return rows * cols * wq.bits // 8 + rows * groups * torch.tensor([], dtype=wq.scale_dtype).element_size()
-
-
 def minimum_bytes(cfg: Any, opts: TargetOptions) -> dict[str, int]:
     """Bytes the stored weights need at their bit widths, each unique tensor once."""
     s = quant_scheme(opts)
     d, kv, ffn, v = cfg.dim, cfg.kv_dim, cfg.ffn_dim, cfg.vocab_size
     block = (
-        _weight_bytes(d + 2 * kv, d, s.linear) + _weight_bytes(d, d, s.linear)
-        + _weight_bytes(2 * ffn, d, s.linear) + _weight_bytes(d, ffn, s.linear) + 2 * d * 4
+        nbytes(d + 2 * kv, d, s.linear) + nbytes(d, d, s.linear)
+        + nbytes(2 * ffn, d, s.linear) + nbytes(d, ffn, s.linear) + 2 * d * 4
     )
-    emb = _weight_bytes(v, d, s.embedding)
-    out = _weight_bytes(v, d, s.output) if (_separate_output(opts) or not cfg.share_embedding) else 0
+    emb = nbytes(v, d, s.embedding)
+    out = nbytes(v, d, s.output) if (_separate_output(opts) or not cfg.share_embedding) else 0
     return {
         "blocks": cfg.n_layers * block,
         "embedding": emb,
@@ -345,17 +289,16 @@ def minimum_bytes(cfg: Any, opts: TargetOptions) -> dict[str, int]:
     }
 
 
-def embedding_copies(pte: bytes, model: ExportModel, opts: TargetOptions) -> int | None:
+def embedding_copies(pte: bytes, quantized: QuantizedModel) -> int | None:
     """How many times the embedding table's stored bytes occur in the .pte (fp32 rows or int8 codes;
     counted on the first 4 rows, which cannot collide by chance). None for a 4-bit table (packed)."""
-    bits = opts.resolved_embedding_bits()
-    w = model.tok_embeddings.weight.detach()[:4]
-    if bits == 16:
-        raw = w.float().contiguous().numpy().tobytes()
-    elif bits == 8:
-        raw = torchao_quantize(w, _embedding_quant(opts))[0].contiguous().numpy().tobytes()
+    table = quantized["tok_embeddings.weight"]
+    if isinstance(table, QuantizedWeight):
+        if table.wq.bits != 8:
+            return None
+        raw = table.codes[:4].contiguous().numpy().tobytes()
     else:
-        return None
+        raw = table[:4].float().contiguous().numpy().tobytes()
     return pte.count(raw)
 
 
@@ -372,20 +315,21 @@ def _output_note(cfg: Any, opts: TargetOptions, copies: int | None) -> str:
     return f"fp32 table shared by lookup and projection in the graph; found {copies} time(s) in the .pte"
 
 
-def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir: Path, *, custom_ops: bool | None = None) -> ExportedArtifact:
+def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | None, opts: TargetOptions, bundle_dir: Path, *,
+           custom_ops: bool | None = None) -> ExportedArtifact:
     cfg = model.config
     _check_bits(opts)
     check_group_size(cfg, opts)
     use_custom = _use_custom_ops(custom_ops)
     meta = _metadata(cfg, opts, use_custom)
     t0 = time.perf_counter()
-    buf, phase_seconds = lower_to_pte(model, opts, meta, use_custom)
+    buf, phase_seconds = lower_to_pte(model, quantized, meta, use_custom)
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     (bundle_dir / PTE_NAME).write_bytes(buf)
     mins = minimum_bytes(cfg, opts)
     scheme = quant_scheme(opts)
-    copies = embedding_copies(buf, model, opts)
+    copies = embedding_copies(buf, quantized)
     info: dict[str, Any] = {
         "runtime": "executorch 1.5 (XNNPACK delegate + portable/optimized kernels), stock TextLLMRunner",
         "lowering": "torch.export -> to_edge_transform_and_lower(XnnpackPartitioner) -> to_executorch",

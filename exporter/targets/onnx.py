@@ -50,7 +50,7 @@ from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..export_model import ExportModel
 from ..model import rope_tables
-from ..quantize import QuantScheme, WeightQuant
+from ..quantize import QuantizedModel, QuantizedWeight, QuantMethod, QuantScheme, WeightQuant
 from .base import ExportedArtifact, TargetOptions
 
 NAME = "onnx"
@@ -107,66 +107,80 @@ def _check_opts(opts: TargetOptions) -> None:
         raise UserError(f"--group-size {opts.group_size} is not supported by MatMulNBits; use one of {', '.join(map(str, _BLOCK_SIZES))}")
 
 
-def _weight_quant(bits: int, group_size: int, accuracy_level: int = 0) -> WeightQuant:
+def _weight_quant(bits: int, group_size: int, method: QuantMethod, accuracy_level: int = 0) -> WeightQuant:
     if bits >= 16:
         # Stored as float16 (half the file), cast to float32 once at session load: onnxruntime's CPU
         # kernels (MatMul, GroupQueryAttention, the norms) compute in float32, so activations stay fp32.
         return WeightQuant(16, float_dtype=torch.float16)
-    # onnxruntime MatMulNBits symmetric: the signed value of largest magnitude maps to -2^(b-1)
-    # (q in [-2^(b-1), 2^(b-1)-1], stored +2^(b-1) with the default zero point); fp32 scales
-    # (MatMulNBits' scales have the activation dtype). accuracy_level 4 also rounds the layer's input
-    # to symmetric int8 per block of `group_size` (measured: matches to 4e-7 relative).
+    # MatMulNBits: blockwise codes stored unsigned (q + 2^(b-1)), fp32 scales (the activation dtype),
+    # optional packed zero points. accuracy_level 4 also rounds the layer's input to symmetric int8
+    # per block of `group_size` (measured: matches to 4e-7 relative).
     act_block = group_size if accuracy_level == 4 else None
-    return WeightQuant(bits, group_size, "signed_extreme", scale_dtype=torch.float32, act_block=act_block)
+    return method.apply(WeightQuant(bits, group_size, scale_dtype=torch.float32, act_block=act_block), has_zero_points=True)
 
 
 def quant_scheme(opts: TargetOptions, graph: GraphOptions | None = None) -> QuantScheme:
     """Exactly how the exported model rounds.
 
-    Linears: `opts.bits` (4/8: MatMulNBits blockwise symmetric, block `opts.group_size`, fp32 scales;
-    16: float16 storage, float32 compute). Embedding and output projection: the embedding bits, one
-    tensor when shared (the embedding lookup never rounds activations; the output MatMulNBits does
-    when its accuracy_level is 4). Activations: every MatMulNBits at accuracy_level 4 rounds its
-    input to int8 per block (`WeightQuant.act_block`) unless `graph` says level 0; other compute
-    (attention, norms, residuals) is float32.
+    Linears: `opts.bits` (4/8: MatMulNBits blockwise, block `opts.group_size`, fp32 scales, zero
+    points unless the method is symmetric; 16: float16 storage, float32 compute). Embedding and
+    output projection: the embedding bits, one tensor when shared (the embedding lookup never rounds
+    activations; the output MatMulNBits does when its accuracy_level is 4). Activations: every
+    MatMulNBits at accuracy_level 4 rounds its input to int8 per block (`WeightQuant.act_block`)
+    unless `graph` says level 0; other compute (attention, norms, residuals) is float32.
 
-    The codes are produced by `WeightQuant.quantize` itself, so the artifact equals the twin. The
-    scale rule is onnxruntime's (`range2scale` in MLAS `q4_dq.cpp`); its own quantizer differs only on
-    exact ties: it picks the negative extreme when |min| == |max| and rounds v*(1/scale) half away from
-    zero, where the twin picks the first extreme and rounds v/scale half to even (measured: 0 of 884,736
-    4-bit codes and 5 of 884,736 8-bit codes differ on Gaussian weights).
+    The codes come from the one quantizer (`quantize.quantize_model`) and are packed verbatim, so
+    the artifact equals the twin. With `scale_rule="signed_extreme"` and a symmetric method the codes
+    are onnxruntime's own quantizer's (tested), which differ only on exact ties.
     """
     _check_opts(opts)
     graph = graph or GraphOptions()
     emb_bits = opts.resolved_embedding_bits()
-    linear = _weight_quant(opts.bits, opts.group_size, graph.accuracy_level(opts.bits))
-    emb = _weight_quant(emb_bits, opts.group_size)
-    out = _weight_quant(emb_bits, opts.group_size, graph.accuracy_level(emb_bits))
-    return QuantScheme(linear=linear, embedding=emb, output=out, int8_dynamic_activations=False, compute_dtype=torch.float32)
+    linear = _weight_quant(opts.bits, opts.group_size, opts.method, graph.accuracy_level(opts.bits))
+    emb = _weight_quant(emb_bits, opts.group_size, opts.method)
+    out = _weight_quant(emb_bits, opts.group_size, opts.method, graph.accuracy_level(emb_bits))
+    return QuantScheme(linear=linear, embedding=emb, output=out, compute_dtype=torch.float32)
 
 
-def pack_nbits(w: Tensor, wq: WeightQuant) -> tuple[np.ndarray, np.ndarray]:
-    """MatMulNBits B [N, K/block, block*bits/8] uint8 (low nibble first) and scales [N, K/block] fp32.
+def pack_nbits(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """MatMulNBits B [N, K/block, block*bits/8] uint8 (low nibble first), scales [N, K/block] fp32 and
+    zero points (uint8; 4-bit packed two per byte along the blocks, [N, ceil(K/block/2)]) or None.
 
-    `w` is a torch linear weight [N (out), K (in)], which is already MatMulNBits' column layout."""
-    q, scale = wq.quantize(w)
-    n, k = q.shape
-    u = (q.to(torch.int32) + (1 << (wq.bits - 1))).numpy().astype(np.uint8)
-    if wq.bits == 4:
+    The codes are a torch linear weight's [N (out), K (in)], which is already MatMulNBits' layout."""
+    bits = qw.wq.bits
+    offset = 1 << (bits - 1)
+    u = (qw.codes.to(torch.int32) + offset).numpy().astype(np.uint8)
+    n, k = u.shape
+    if bits == 4:
         u = u[:, 0::2] | (u[:, 1::2] << 4)
-    block = wq.group_size or k
-    return np.ascontiguousarray(u.reshape(n, k // block, block * wq.bits // 8)), np.ascontiguousarray(scale.numpy().astype(np.float32))
+    block = qw.group_size
+    zeros = None
+    if qw.zeros is not None:
+        z = (qw.zeros.to(torch.int32) + offset).numpy().astype(np.uint8)
+        if bits == 4:
+            if z.shape[1] % 2:
+                z = np.concatenate([z, np.full((n, 1), offset, np.uint8)], axis=1)
+            z = z[:, 0::2] | (z[:, 1::2] << 4)
+        zeros = np.ascontiguousarray(z)
+    packed = np.ascontiguousarray(u.reshape(n, k // block, block * bits // 8))
+    return packed, np.ascontiguousarray(qw.scales.numpy().astype(np.float32)), zeros
 
 
-def unpack_nbits(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    """Dequantize MatMulNBits B/scales (default zero point) back to [N, K] float32."""
+def unpack_nbits(packed: np.ndarray, scales: np.ndarray, bits: int, zeros: np.ndarray | None = None) -> np.ndarray:
+    """Dequantize MatMulNBits B/scales/zero points (default zero point 2^(b-1)) back to [N, K] float32."""
     n = packed.shape[0]
+    blocks = scales.shape[1]
     u = packed.reshape(n, -1).astype(np.int32)
     if bits == 4:
         u = np.stack([u & 15, u >> 4], -1).reshape(n, -1)
-    q = (u - (1 << (bits - 1))).astype(np.float32)
-    blocks = scales.shape[1]
-    return (q.reshape(n, blocks, -1) * scales[..., None]).reshape(n, -1)
+    if zeros is None:
+        z = np.full((n, blocks), 1 << (bits - 1), np.int32)
+    else:
+        z = zeros.astype(np.int32)
+        if bits == 4:
+            z = np.stack([z & 15, z >> 4], -1).reshape(n, -1)[:, :blocks]
+    q = (u.reshape(n, blocks, -1) - z[..., None]).astype(np.float32)
+    return (q * scales[..., None]).reshape(n, -1)
 
 
 # ----------------------------------------------------------------------------- graph building
@@ -208,40 +222,46 @@ class _Graph:
 
 @dataclass
 class _Weight:
-    """One stored weight matrix, written once: a MatMulNBits pair or a float16 matrix."""
+    """One stored weight matrix, written once: MatMulNBits codes/scales/zero points or a float16 matrix."""
 
     name: str
     wq: WeightQuant
     shape: tuple[int, int]  # torch layout [N (out), K (in)]
-    q: str = ""
-    s: str = ""
-    f: str = ""
+    codes: str = ""
+    scales: str = ""
+    zero_points: str = ""  # "" when symmetric (MatMulNBits' default zero point)
+    floats: str = ""
+
+    def nbits_inputs(self) -> list[str]:
+        return [self.codes, self.scales] + ([self.zero_points] if self.zero_points else [])
 
 
 class _Builder:
-    def __init__(self, model: ExportModel, opts: TargetOptions, graph: GraphOptions) -> None:
-        self.m, self.cfg, self.opts, self.go = model, model.config, opts, graph
+    def __init__(self, model: ExportModel, quantized: QuantizedModel, opts: TargetOptions, graph: GraphOptions) -> None:
+        self.model, self.cfg, self.opts, self.graph_options = model, model.config, opts, graph
+        self.quantized = quantized
         self.scheme = quant_scheme(opts, graph)
         self.g = _Graph()
-        self._weights: dict[int, _Weight] = {}  # storage data_ptr -> written weight
+        self._weights: dict[str, _Weight] = {}  # quantized-model key -> written weight
         self._norms: dict[int, str] = {}
         self._f32: dict[str, str] = {}
 
-    # -- weights, each written once per storage ------------------------------------------------
-    def weight(self, tensor: Tensor, name: str, wq: WeightQuant) -> _Weight:
-        key = tensor.untyped_storage().data_ptr()
+    # -- weights, each written once per stored tensor ------------------------------------------
+    def weight(self, key: str, name: str, wq: WeightQuant) -> _Weight:
+        """The stored weight `key` of the quantized model (shared blocks: the same key, written once)."""
         if key in self._weights:
-            found = self._weights[key]
-            if replace(found.wq, act_block=None) != replace(wq, act_block=None):
-                raise AssertionError(f"{name} shared with {found.name} but rounded differently")
-            return found
-        w = _Weight(name, wq, tuple(tensor.shape))  # the first reader's WeightQuant: storage is the same  # type: ignore[arg-type]
-        if wq.bits >= 16:
-            w.f = self.g.init(name, tensor.detach().float().numpy().astype(np.float16), "weight")
+            return self._weights[key]
+        value = self.quantized[key]
+        if isinstance(value, QuantizedWeight):
+            w = _Weight(name, wq, tuple(value.codes.shape))  # type: ignore[arg-type]
+            packed, scales, zeros = pack_nbits(value)
+            w.codes = self.g.init(name + ".qweight", packed, "weight")
+            w.scales = self.g.init(name + ".scales", scales, "weight")
+            if zeros is not None:
+                w.zero_points = self.g.init(name + ".zero_points", zeros, "weight")
         else:
-            packed, scales = pack_nbits(tensor.detach().float(), wq)
-            w.q = self.g.init(name + ".qweight", packed, "weight")
-            w.s = self.g.init(name + ".scales", scales, "weight")
+            w = _Weight(name, wq, tuple(value.shape))  # type: ignore[arg-type]
+            w.floats = self.g.init(name, value.detach().float().numpy().astype(np.float16), "weight")
         self._weights[key] = w
         return w
 
@@ -257,15 +277,15 @@ class _Builder:
         return self._norms[key]
 
     def as_f32(self, w: _Weight) -> str:
-        if w.f not in self._f32:  # one Cast per stored weight; onnxruntime folds it at load
-            self._f32[w.f] = self.g.node("Cast", [w.f], to=1)
-        return self._f32[w.f]
+        if w.floats not in self._f32:  # one Cast per stored weight; onnxruntime folds it at load
+            self._f32[w.floats] = self.g.node("Cast", [w.floats], to=1)
+        return self._f32[w.floats]
 
     # -- ops ------------------------------------------------------------------------------------
     def linear(self, x: str, w: _Weight) -> str:
         n, k = w.shape
         if w.wq.bits < 16:
-            return self.g.node("MatMulNBits", [x, w.q, w.s], domain=MS, K=k, N=n, bits=w.wq.bits, block_size=w.wq.group_size, accuracy_level=self.go.accuracy_level(w.wq.bits))
+            return self.g.node("MatMulNBits", [x, *w.nbits_inputs()], domain=MS, K=k, N=n, bits=w.wq.bits, block_size=w.wq.group_size, accuracy_level=self.graph_options.accuracy_level(w.wq.bits))
         # x [B, S, K] @ W^T with W [N, K] stored once: Gemm(transB) on the flattened rows.
         g = self.g
         flat = g.node("Reshape", [x, g.const([-1, k])])
@@ -278,14 +298,30 @@ class _Builder:
         if w.wq.bits < 16:
             # The very tensor the output MatMulNBits reads: data [V, K/block, blob]; the scales get a
             # trailing unit axis (same rank as the data), a tiny node onnxruntime folds at load.
-            scales3 = g.node("Unsqueeze", [w.s, g.const([2])])
-            e = g.node("GatherBlockQuantized", [w.q, ids, scales3], domain=MS, bits=w.wq.bits, block_size=w.wq.group_size, gather_axis=0, quantize_axis=2)
+            scales3 = g.node("Unsqueeze", [w.scales, g.const([2])])
+            zeros = [self._zero_points_per_row(w)] if w.zero_points else []
+            e = g.node("GatherBlockQuantized", [w.codes, ids, scales3, *zeros], domain=MS, bits=w.wq.bits, block_size=w.wq.group_size, gather_axis=0, quantize_axis=2)
             return g.node("Reshape", [e, g.const([0, 0, -1])])
         return g.node("Gather", [self.as_f32(w), ids], axis=0)
 
+    def _zero_points_per_row(self, w: _Weight) -> str:
+        """GatherBlockQuantized wants one zero point byte per block ([V, blocks, 1]); MatMulNBits stores
+        them packed two per byte. Unpacked from the one stored tensor by a few nodes onnxruntime folds
+        at load, so the file holds the zero points once."""
+        g = self.g
+        blocks = w.shape[1] // w.wq.group_size  # type: ignore[operator]
+        if w.wq.bits != 4:
+            return g.node("Unsqueeze", [w.zero_points, g.const([2])])
+        low = g.node("BitwiseAnd", [w.zero_points, g.const(15, np.uint8)])
+        high = g.node("BitShift", [w.zero_points, g.const(4, np.uint8)], direction="RIGHT")
+        pairs = g.node("Concat", [g.node("Unsqueeze", [low, g.const([2])]), g.node("Unsqueeze", [high, g.const([2])])], axis=2)
+        flat = g.node("Reshape", [pairs, g.const([0, -1])])
+        first = g.node("Slice", [flat, g.const([0]), g.const([blocks]), g.const([1])])
+        return g.node("Unsqueeze", [first, g.const([2])])
+
     def rms(self, x: str, gain: str) -> str:
         g, eps = self.g, self.cfg.norm_eps
-        if self.go.fused_norm:
+        if self.graph_options.fused_norm:
             return g.node("RMSNormalization", [x, gain], axis=-1, epsilon=eps)
         ms = g.node("ReduceMean", [g.node("Mul", [x, x]), g.const([-1])], keepdims=1)
         inv = g.node("Reciprocal", [g.node("Sqrt", [g.node("Add", [ms, g.const(eps, np.float32)])])])
@@ -294,7 +330,7 @@ class _Builder:
     def add_rms(self, delta: str, residual: str, gain: str) -> tuple[str, str]:
         """(norm(residual + delta), residual + delta)."""
         g = self.g
-        if self.go.fused_norm:
+        if self.graph_options.fused_norm:
             outs = [g.name("skipnorm"), "", "", g.name("residual")]
             g.node("SkipSimplifiedLayerNormalization", [delta, residual, gain], domain=MS, outputs=outs, epsilon=self.cfg.norm_eps)
             return outs[0], outs[3]
@@ -305,7 +341,7 @@ class _Builder:
     def build(self) -> Any:
         from onnx import TensorProto, helper
 
-        cfg, g, m = self.cfg, self.g, self.m
+        cfg, g, m = self.cfg, self.g, self.model
         n_app = len(m.schedule)
         B, S, T, P = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
         kv_shape = lambda seq: [B, cfg.n_kv_heads, seq, cfg.head_dim]  # noqa: E731
@@ -321,15 +357,15 @@ class _Builder:
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape(T)))
 
         sch = self.scheme
-        emb = self.weight(m.tok_embeddings.weight, "model.embed_tokens.weight", sch.embedding)
-        out_w = emb if m.output is None else self.weight(m.output.weight, "lm_head.weight", sch.output)
+        emb = self.weight("tok_embeddings.weight", "model.embed_tokens.weight", sch.embedding)
+        out_w = emb if m.output is None else self.weight("output.weight", "lm_head.weight", sch.output)
         blocks = []
         for b, blk in enumerate(m.blocks):
             p = f"model.layers.{b}."
             lin = {}
             names = ("wqkv", "wo", "w13", "w2") if m.settings.fuse else ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
             for nm in names:
-                lin[nm] = self.weight(getattr(blk, nm).weight, p + nm + ".weight", sch.linear)
+                lin[nm] = self.weight(f"blocks.{b}.{nm}.weight", p + nm + ".weight", sch.for_weight(f"blocks.{b}.{nm}.weight"))
             lin["attention_norm"] = self.norm_gain(blk.attention_norm, p + "attention_norm.weight")
             lin["ffn_norm"] = self.norm_gain(blk.ffn_norm, p + "ffn_norm.weight")
             blocks.append(lin)
@@ -340,12 +376,12 @@ class _Builder:
         rope_sin = g.init("rope.sin_cache", sin[:, :half].numpy(), "rope")
 
         # Shared per-step tensors
-        if self.go.attention == "gqa":
+        if self.graph_options.attention == "gqa":
             total = g.node("Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)], axis=0)], to=TensorProto.INT32)
             seqlens_k = g.node("Cast", [g.node("Sub", [g.node("ReduceSum", ["attention_mask", g.const([1])], keepdims=0), g.const(1)])], to=TensorProto.INT32)
         else:
             mask = self._additive_mask()
-        if self.go.rotary == "plain":
+        if self.graph_options.rotary == "plain":
             cos_full = g.node("Unsqueeze", [g.node("Gather", [g.node("Concat", [rope_cos, rope_cos], axis=-1), "position_ids"], axis=0), g.const([1])])
             sin_full = g.node("Unsqueeze", [g.node("Gather", [g.node("Concat", [rope_sin, rope_sin], axis=-1), "position_ids"], axis=0), g.const([1])])
 
@@ -357,21 +393,21 @@ class _Builder:
             pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
             if m.settings.fuse:
                 qkv = self.linear(x, w["wqkv"])
-                q_, k_, v_ = (qkv, "", "") if self.go.rotary == "in_attention" else g.node("Split", [qkv, g.const([cfg.dim, cfg.kv_dim, cfg.kv_dim])], n_out=3, axis=-1)
+                q_, k_, v_ = (qkv, "", "") if self.graph_options.rotary == "in_attention" else g.node("Split", [qkv, g.const([cfg.dim, cfg.kv_dim, cfg.kv_dim])], n_out=3, axis=-1)
             else:
                 q_, k_, v_ = (self.linear(x, w[n]) for n in ("wq", "wk", "wv"))
-            if self.go.rotary == "op":
+            if self.graph_options.rotary == "op":
                 q_ = g.node("RotaryEmbedding", [q_, "position_ids", rope_cos, rope_sin], domain=MS, interleaved=0, num_heads=cfg.n_heads)
                 k_ = g.node("RotaryEmbedding", [k_, "position_ids", rope_cos, rope_sin], domain=MS, interleaved=0, num_heads=cfg.n_kv_heads)
-            if self.go.attention == "gqa":
-                extra = [rope_cos, rope_sin] if self.go.rotary == "in_attention" else []
+            if self.graph_options.attention == "gqa":
+                extra = [rope_cos, rope_sin] if self.graph_options.rotary == "in_attention" else []
                 attn = g.node(
                     "GroupQueryAttention", [q_, k_, v_, past_k, past_v, seqlens_k, total, *extra], domain=MS,
                     outputs=[g.name("attn"), pres_k, pres_v], num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads,
-                    scale=float(cfg.head_dim ** -0.5), do_rotary=int(self.go.rotary == "in_attention"), rotary_interleaved=0,
+                    scale=float(cfg.head_dim ** -0.5), do_rotary=int(self.graph_options.rotary == "in_attention"), rotary_interleaved=0,
                 )[0]
             else:
-                attn = self._plain_attention(q_, k_, v_, past_k, past_v, pres_k, pres_v, mask, cos_full if self.go.rotary == "plain" else None, sin_full if self.go.rotary == "plain" else None)
+                attn = self._plain_attention(q_, k_, v_, past_k, past_v, pres_k, pres_v, mask, cos_full if self.graph_options.rotary == "plain" else None, sin_full if self.graph_options.rotary == "plain" else None)
             x, h = self.add_rms(self.linear(attn, w["wo"]), h, w["ffn_norm"])
             if m.settings.fuse:
                 gate, up = g.node("Split", [self.linear(x, w["w13"]), g.const([cfg.ffn_dim, cfg.ffn_dim])], n_out=2, axis=-1)
@@ -381,8 +417,8 @@ class _Builder:
             nxt = blocks[m.schedule[i + 1]]["attention_norm"] if i + 1 < n_app else final_norm
             x, h = self.add_rms(self.linear(act, w["w2"]), h, nxt)
         if out_w.wq.bits < 16:
-            g.node("MatMulNBits", [x, out_w.q, out_w.s], domain=MS, outputs=["logits"], K=out_w.shape[1], N=out_w.shape[0],
-                   bits=out_w.wq.bits, block_size=out_w.wq.group_size, accuracy_level=self.go.accuracy_level(out_w.wq.bits))
+            g.node("MatMulNBits", [x, *out_w.nbits_inputs()], domain=MS, outputs=["logits"], K=out_w.shape[1], N=out_w.shape[0],
+                   bits=out_w.wq.bits, block_size=out_w.wq.group_size, accuracy_level=self.graph_options.accuracy_level(out_w.wq.bits))
         else:
             g.node("Identity", [self.linear(x, out_w)], outputs=["logits"])
 
@@ -476,19 +512,20 @@ def initializer_report(onnx_model: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- export
-def build_onnx(model: ExportModel, opts: TargetOptions, graph: GraphOptions | None = None) -> Any:
-    """The onnx.ModelProto for `model` (weights inline)."""
-    return _Builder(model, opts, graph or GraphOptions()).build()
+def build_onnx(model: ExportModel, quantized: QuantizedModel, opts: TargetOptions, graph: GraphOptions | None = None) -> Any:
+    """The onnx.ModelProto for `model` holding `quantized`'s codes (weights inline)."""
+    return _Builder(model, quantized, opts, graph or GraphOptions()).build()
 
 
-def export(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir: Path, graph: GraphOptions | None = None) -> ExportedArtifact:
+def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | None, opts: TargetOptions, bundle_dir: Path,
+           graph: GraphOptions | None = None) -> ExportedArtifact:
     import onnx
 
     graph = graph or GraphOptions()
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    proto = build_onnx(model, opts, graph)
+    proto = build_onnx(model, quantized, opts, graph)
     inits = initializer_report(proto)
     path = bundle_dir / MODEL_FILE
     # Weights in one external file (mmap-able, no 2 GB protobuf limit); the graph stays readable.
@@ -541,8 +578,8 @@ def _describe(wq: WeightQuant) -> dict[str, Any]:
     if wq.bits >= 16:
         return {"bits": 16, "storage": "float16", "compute": "float32 (Cast folded at session load)"}
     return {
-        "bits": wq.bits, "op": "MatMulNBits", "block_size": wq.group_size, "symmetric": True, "scale_rule": wq.scale_rule,
-        "scale_dtype": "float32", "zero_point": 1 << (wq.bits - 1),
+        "bits": wq.bits, "op": "MatMulNBits", "block_size": wq.group_size, "symmetric": not wq.zero_points, "scale_rule": wq.scale_rule,
+        "scale_dtype": "float32", "zero_point": "per block (stored)" if wq.zero_points else 1 << (wq.bits - 1),
         "activations": f"int8 symmetric per {wq.act_block} (accuracy_level 4)" if wq.act_block else "float32 (accuracy_level 0)",
     }
 
