@@ -46,6 +46,10 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--methods", default="rtn-sym,rtn-mse,rtn-mse-asym,gptq-mse-asym")
     ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--no-act", action="store_true", help="drop activation rounding from the scheme (ONNX accuracy_level 0)")
+    ap.add_argument("--overrides", default="", help="name=bits,... mixed precision, e.g. output.weight=8")
+    ap.add_argument("--calib-windows", type=int, default=4)
+    ap.add_argument("--embedding-bits", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
     ckpt = load_checkpoint(args.checkpoint)
@@ -53,7 +57,7 @@ def main() -> None:
     bos = ckpt.config.bos_id
     model = ExportModel.from_reference(ckpt.model, ExportSettings(max_seq_len=args.max_seq_len))
     evals = windows(heldout_text(), tok, bos, 2, args.max_seq_len - 1)
-    calib = windows(calibration_text(), tok, bos, 4, args.max_seq_len - 1)
+    calib = windows(calibration_text(), tok, bos, args.calib_windows, args.max_seq_len - 1)
     base = perplexity(model, evals)
     print(f"fp32 perplexity {base:.4f} on {sum(len(w) - 1 for w in evals)} predicted tokens")
     from mobilellm.exporter.targets import TargetOptions, load_target
@@ -65,15 +69,33 @@ def main() -> None:
         "rtn-mse-asym": QuantMethod(scale_rule="mse", asymmetric=True, gptq=False),
         "gptq-mse": QuantMethod(scale_rule="mse", asymmetric=False, gptq=True),
         "gptq-mse-asym": QuantMethod(scale_rule="mse", asymmetric=True, gptq=True),
+        "gptq-ao": QuantMethod(scale_rule="mse", asymmetric=False, gptq=True, act_order=True),
+        "gptq-ao-asym": QuantMethod(scale_rule="mse", asymmetric=True, gptq=True, act_order=True),
     }
     for target in args.targets.split(","):
         module = load_target(target)
         for mname in args.methods.split(","):
             method = methods[mname]
-            opts = TargetOptions(bits=args.bits, max_seq_len=args.max_seq_len, method=method or QuantMethod())
+            opts = TargetOptions(bits=args.bits, max_seq_len=args.max_seq_len, method=method or QuantMethod(),
+                                 embedding_bits=args.embedding_bits)
             t0 = time.time()
             scheme = module.quant_scheme(opts)
-            q = quantize_model(model, scheme, calib if method is not None and method.gptq else None)
+            if args.overrides:
+                from mobilellm.exporter.quantize import WeightQuant
+                extra = []
+                for item in args.overrides.split(","):
+                    pattern, bits = item.split("=")
+                    base = scheme.output if pattern == "output.weight" else scheme.linear
+                    wq = dataclasses.replace(base, bits=int(bits), group_size=None if int(bits) == 8 else base.group_size)
+                    if pattern == "output.weight":
+                        extra.append((pattern, wq))
+                    else:
+                        extra += [(f"blocks.{b}.{pattern}.weight", wq) for b in range(ckpt.config.n_layers)]
+                scheme = dataclasses.replace(scheme, overrides=tuple(extra))
+            if args.no_act:
+                scheme = dataclasses.replace(scheme, linear=dataclasses.replace(scheme.linear, act_block=None),
+                                             output=dataclasses.replace(scheme.output, act_block=None))
+            q = quantize_model(model, scheme, calib if method is not None and method.gptq else None, bool(method and method.act_order))
             twin = fake_quantized_twin(model, q)
             ppl = perplexity(twin, evals)
             print(f"{target:<10} {args.bits}-bit {mname:<14} ppl {ppl:.4f}  delta {100 * (ppl / base - 1):+.2f}%  ({time.time() - t0:.0f}s)", flush=True)

@@ -62,7 +62,7 @@ def export(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="KV-cache length of the exported model (up to the config's max context). Default: 512."),
     quant_method: Optional[QuantMethodChoice] = typer.Option(
         None, "--quant-method", help="How int codes are chosen: gptq (searched clipping + GPTQ rounding on the shipped calibration text), "
-        "mse (searched clipping, round to nearest) or rtn (largest magnitude -> scale, round to nearest). Default: gptq."),
+        "mse (searched clipping, round to nearest) or rtn (symmetric max|w|/qmax, round to nearest). Default: gptq."),
     symmetric: bool = typer.Option(False, "--symmetric", help="No zero points, even where the format stores them (Core ML, ONNX)."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep Q/K/V and gate/up projections separate (debugging)."),
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity run after export."),
@@ -74,55 +74,28 @@ def export(
     """Export a checkpoint (the default command)."""
     if ctx.invoked_subcommand is not None:
         return
-    from .pipeline import ExportOptions, run_export
-    from .recipe import load_recipe
+    from .pipeline import run_export
+    from .recipe import export_options_from_recipe, load_recipe
 
-    plan = load_recipe(recipe) if recipe else None
-    base = plan.export if plan else {}
-
-    def pick(flag: object, key: str, default: object) -> object:
-        return flag if flag is not None else base.get(key, default)
-
-    emb = embedding_bits.value if embedding_bits else base.get("embedding_bits")
-    options = ExportOptions(
+    options = export_options_from_recipe(
+        load_recipe(recipe) if recipe else None,
         checkpoint=checkpoint,
         config=config,
         tokenizer=tokenizer,
-        targets=_expand_target(str(pick(target.value if target else None, "target", "all"))),
-        bits=int(pick(bits.value if bits else None, "bits", 4)),  # type: ignore[arg-type]
-        group_size=int(pick(group_size, "group_size", 32)),  # type: ignore[arg-type]
-        embedding_bits=int(emb) if emb is not None else None,
-        max_seq_len=int(pick(max_seq_len, "max_seq_len", 512)),  # type: ignore[arg-type]
-        fuse=False if no_fuse else bool(base.get("fuse", True)),
+        target=target.value if target else None,
+        bits=int(bits.value) if bits else None,
+        group_size=group_size,
+        embedding_bits=int(embedding_bits.value) if embedding_bits else None,
+        max_seq_len=max_seq_len,
+        fuse=False if no_fuse else None,
+        quant_method=quant_method.value if quant_method else None,
+        symmetric=symmetric,
         parity=not no_parity,
         output=output,
-        thresholds={**(plan.thresholds if plan else {}), **parse_thresholds(threshold)},
-        name=name or (plan.name if plan else None),
-        recipe=plan,
-        method=quant_method_from(str(pick(quant_method.value if quant_method else None, "quant_method", "gptq")),
-                                 symmetric or bool(base.get("symmetric", False))),
+        thresholds=parse_thresholds(threshold),
+        name=name,
     )
     run_export(options)
-
-
-def quant_method_from(name: str, symmetric: bool) -> "QuantMethod":
-    from .quantize import QuantMethod
-
-    methods = {
-        "gptq": QuantMethod(scale_rule="mse", asymmetric=True, gptq=True),
-        "mse": QuantMethod(scale_rule="mse", asymmetric=True, gptq=False),
-        "rtn": QuantMethod(scale_rule="signed_extreme", asymmetric=False, gptq=False),
-    }
-    if name not in methods:
-        raise UserError(f"unknown quantization method {name!r}; use one of {', '.join(methods)}")
-    method = methods[name]
-    return QuantMethod(method.scale_rule, method.asymmetric and not symmetric, method.gptq, method.calibration_tokens)
-
-
-def _expand_target(name: str) -> list[str]:
-    from .targets import TARGET_NAMES
-
-    return list(TARGET_NAMES) if name == "all" else [name]
 
 
 def parse_thresholds(items: Optional[list[str]]) -> dict[str, float]:
@@ -179,7 +152,7 @@ def bench(
     """Load time, prefill/decode tokens/s, peak RSS and size of one bundle (run in a fresh process)."""
     import json
 
-    from .bench import bench_bundle_subprocess
+    from .measure import bench_bundle_subprocess
 
     typer.echo(json.dumps(bench_bundle_subprocess(bundle, threads, prompt_tokens, decode_tokens), indent=2))
 

@@ -72,9 +72,9 @@ def _divisor_hint(*widths: int) -> str:
     return " or ".join(str(d) for d in (128, 64, 32, 16) if g % d == 0) or str(g)
 
 
-def quantize(model: ExportModel, scheme: Any, calibration: list[Any], target: str) -> QuantizedModel:
+def quantize(model: ExportModel, scheme: Any, calibration: list[Any], act_order: bool, target: str) -> QuantizedModel:
     t0 = time.time()
-    quantized = quantize_model(model, scheme, calibration or None)
+    quantized = quantize_model(model, scheme, calibration or None, act_order)
     log(f"[{target}] quantized the weights ({quantized.method}) in {time.time() - t0:.1f}s")
     return quantized
 
@@ -141,7 +141,7 @@ def run_export(options: ExportOptions) -> list[Path]:
         log(f"[{module.NAME}] exporting {ckpt.source.name} at {opts.bits} bits ...")
         with staged_dir(final) as tmp:
             model = ExportModel.from_reference(ckpt.model, settings)
-            quantized = quantize(model, module.quant_scheme(opts), calibration, module.NAME)
+            quantized = quantize(model, module.quant_scheme(opts), calibration, opts.method.act_order, module.NAME)
             artifact = module.export(model, quantized, ckpt, opts, tmp)
             export_seconds = time.time() - t0
             # Timings differ run to run: logged, kept out of the manifest so bundles are reproducible.

@@ -27,7 +27,8 @@ from .export_model import ExportModel
 
 # How a group's scale (and zero point) is chosen:
 # - "torchao": scale = amax / ((qmax - qmin) / 2) (torchao MappingType.SYMMETRIC; clips the positive extreme)
-# - "signed_extreme": the signed value of largest magnitude maps to qmin exactly (onnxruntime MatMulNBits)
+# - "signed_extreme": the signed value of largest magnitude maps to qmin exactly (onnxruntime MatMulNBits;
+#   the scale is negative where that value is positive, which XNNPACK refuses)
 # - "restricted": scale = amax / qmax, q in [-qmax, qmax] (coremltools linear_symmetric)
 # - "mse": searched clipping: the scale (and zero point) among a grid of clipping ratios, refined by
 #   least squares, that minimizes the group's squared error weighted by the input's second moment.
@@ -46,6 +47,7 @@ class WeightQuant:
     scale_dtype: torch.dtype = torch.float32  # the dtype the runtime keeps scales in
     float_dtype: torch.dtype = torch.float32  # for bits == 16
     zero_points: bool = False  # the format stores an integer zero point per group (asymmetric codes)
+    negative_scales: bool = True  # the format accepts a negative scale (XNNPACK does not)
     # The runtime rounds this layer's *input* to symmetric int8 per block of `act_block` along the
     # input dim (scale amax/127), e.g. onnxruntime MatMulNBits accuracy_level 4. None: not rounded.
     act_block: int | None = None
@@ -61,13 +63,13 @@ class WeightQuant:
             raise UserError(f"group size {group} does not divide input width {cols}; pick a divisor of every layer width (e.g. 32)")
         return group
 
-    def quantize(self, w: Tensor, hessian: Tensor | None = None) -> QuantizedWeight:
+    def quantize(self, w: Tensor, hessian: Tensor | None = None, act_order: bool = False) -> QuantizedWeight:
         """Codes, scales and zero points for `w` [rows, cols]; GPTQ when a Hessian [cols, cols] is given."""
         if self.bits >= 16:
             raise ValueError("a 16-bit weight is stored as floats, not quantized")
         w = w.detach().float()
         if hessian is not None:
-            return gptq(w, hessian, self)
+            return gptq(w, hessian, self, act_order)
         col_weight = None
         return _round_groups(w, self, col_weight)
 
@@ -147,9 +149,12 @@ def _params_for(g: Tensor, wq: WeightQuant, col_weight: Tensor | None) -> tuple[
     else:
         extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True))
         if rule == "signed_extreme":
-            return _store(extreme / qmin, wq), None
-        # Both signs of the extreme: the side that maps to qmin has one more level.
-        candidates = [(_store(base * r, wq), None) for r in _MSE_GRID.tolist() for base in (extreme / qmin, amax / qmax)]
+            return _store(extreme / qmin if wq.negative_scales else amax / -qmin, wq), None
+        # The signed extreme -> qmin uses the extra level whatever the extreme's sign, but needs a negative
+        # scale where it is positive; without those, amax -> -qmin (extra level when the extreme is
+        # negative) or amax -> qmax. Then clipped by the grid's ratios.
+        first = extreme / qmin if wq.negative_scales else amax / -qmin
+        candidates = [(_store(base * r, wq), None) for r in _MSE_GRID.tolist() for base in (first, amax / qmax)]
     best = None
     for scale, zero in candidates:
         err = _error(g, _codes(g, scale, zero, qmin, qmax), scale, zero, col_weight)
@@ -200,11 +205,15 @@ GPTQ_DAMP = 0.01
 GPTQ_BLOCK = 128
 
 
-def gptq(w: Tensor, hessian: Tensor, wq: WeightQuant) -> QuantizedWeight:
-    """GPTQ (Frantar et al. 2022): quantize columns left to right, spreading each column's rounding
-    error over the columns not yet quantized through the inverse Hessian of the layer's inputs.
-    A group's scale and zero point are chosen (by `wq.scale_rule`, weighted by diag(H)) when the
-    first column of the group is reached, from the error-updated weights."""
+def gptq(w: Tensor, hessian: Tensor, wq: WeightQuant, act_order: bool = False) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): quantize columns one by one, spreading each column's rounding error
+    over the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+    Without `act_order`, columns go left to right and a group's scale and zero point are chosen (by
+    `wq.scale_rule`, weighted by diag(H)) when its first column is reached, from the error-updated
+    weights. With `act_order`, columns go in order of decreasing diag(H) (the inputs with the most
+    energy first) and every group's parameters are fixed up front from the original weights
+    ("static groups"), since a group's columns are no longer visited together."""
     rows, cols = w.shape
     group = wq.group(cols)
     qmin, qmax = wq.qrange()
@@ -214,19 +223,28 @@ def gptq(w: Tensor, hessian: Tensor, wq: WeightQuant) -> QuantizedWeight:
     H[dead, dead] = 1
     W[:, dead] = 0
     damp = GPTQ_DAMP * torch.diag(H).mean()
-    for _ in range(4):  # more damping if float32 Cholesky finds H numerically indefinite
-        try:
-            hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H + damp * torch.eye(cols))), upper=True)
-            break
-        except torch.linalg.LinAlgError:
-            damp = damp * 10
-    else:
-        raise RuntimeError("GPTQ: the calibration Hessian is not positive definite even after damping")
     H = H + damp * torch.eye(cols)
     diag = torch.diag(H).float()
     codes = torch.zeros(rows, cols, dtype=torch.int8)
     scales = torch.zeros(rows, cols // group)
     zeros = torch.zeros(rows, cols // group, dtype=torch.int8) if wq.zero_points else None
+    if act_order:
+        fixed = _round_groups(W, wq, diag)
+        scales, zeros = fixed.scales.clone(), None if fixed.zeros is None else fixed.zeros.clone()
+        perm = torch.argsort(diag, descending=True)
+    else:
+        perm = torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    for _ in range(4):  # more damping if float32 Cholesky finds H numerically indefinite
+        try:
+            hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            H = H + damp * torch.eye(cols)
+            damp = damp * 10
+    else:
+        raise RuntimeError("GPTQ: the calibration Hessian is not positive definite even after damping")
+    order = perm.tolist()
     scale = zero = None
     for b0 in range(0, cols, GPTQ_BLOCK):
         b1 = min(b0 + GPTQ_BLOCK, cols)
@@ -234,15 +252,18 @@ def gptq(w: Tensor, hessian: Tensor, wq: WeightQuant) -> QuantizedWeight:
         err_b = torch.zeros_like(Wb)
         hb = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            col = b0 + i
-            if col % group == 0:
-                g_cols = Wb[:, i : i + group].float() if i + group <= b1 - b0 else W[:, col : col + group].float()
+            col = order[b0 + i]  # the original column index
+            if act_order:
+                scale = scales[:, col // group : col // group + 1]
+                zero = None if zeros is None else zeros[:, col // group : col // group + 1].float()
+            elif col % group == 0:
+                g_cols = Wb[:, i : i + group] if i + group <= b1 - b0 else W[:, b0 + i : b0 + i + group]
                 scale, zero = _params_for(g_cols.unsqueeze(1), wq, diag[col : col + group].reshape(1, 1, -1))
                 scale, zero = scale.reshape(rows, 1), None if zero is None else zero.reshape(rows, 1)
                 scales[:, col // group] = scale[:, 0]
                 if zeros is not None and zero is not None:
                     zeros[:, col // group] = zero[:, 0].to(torch.int8)
-            x = Wb[:, i : i + 1].float()
+            x = Wb[:, i : i + 1]
             q = _codes(x, scale, zero, qmin, qmax)  # type: ignore[arg-type]
             codes[:, col] = q[:, 0].to(torch.int8)
             deq = ((q - zero) if zero is not None else q) * scale  # type: ignore[operator]
@@ -264,8 +285,8 @@ def collect_hessians(model: ExportModel, token_windows: Iterable[Tensor]) -> dic
     counts: dict[str, int] = {}
 
     def add(name: str, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        sums[name] = sums.get(name, 0) + x.T @ x  # type: ignore[operator]
+        x = x.reshape(-1, x.shape[-1]).float()
+        sums[name] = sums.get(name, 0) + (x.T @ x).double()  # type: ignore[operator]
         counts[name] = counts.get(name, 0) + x.shape[0]
 
     hooks = []
@@ -328,25 +349,38 @@ class QuantMethod:
     asymmetric: bool = True  # use zero points where the format stores them
     gptq: bool = True  # data-aware rounding from the calibration text
     calibration_tokens: int = 2048
+    act_order: bool = False  # GPTQ visits input columns by decreasing activation energy
 
     def apply(self, wq: WeightQuant, has_zero_points: bool) -> WeightQuant:
         if wq.bits >= 16:
             return wq
         return replace(wq, scale_rule=self.scale_rule or "mse", zero_points=self.asymmetric and has_zero_points)
 
+    @classmethod
+    def named(cls, name: str, symmetric: bool = False) -> "QuantMethod":
+        """The CLI's / recipes' `--quant-method` presets; `symmetric` drops zero points."""
+        presets = {
+            "gptq": cls(scale_rule="mse", asymmetric=True, gptq=True),
+            "mse": cls(scale_rule="mse", asymmetric=True, gptq=False),
+            "rtn": cls(scale_rule="restricted", asymmetric=False, gptq=False),
+        }
+        if name not in presets:
+            raise UserError(f"unknown quantization method {name!r}; use one of {', '.join(presets)}")
+        return replace(presets[name], asymmetric=presets[name].asymmetric and not symmetric)
+
     def to_dict(self) -> dict[str, Any]:
         return {"scale_rule": self.scale_rule or "mse", "asymmetric": self.asymmetric, "gptq": self.gptq,
-                "calibration_tokens": self.calibration_tokens}
+                "calibration_tokens": self.calibration_tokens, "act_order": self.act_order}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "QuantMethod":
         return cls(scale_rule=raw.get("scale_rule"), asymmetric=bool(raw.get("asymmetric", True)), gptq=bool(raw.get("gptq", True)),
-                   calibration_tokens=int(raw.get("calibration_tokens", 2048)))
+                   calibration_tokens=int(raw.get("calibration_tokens", 2048)), act_order=bool(raw.get("act_order", False)))
 
     def describe(self) -> str:
         parts = [self.scale_rule or "mse", "asymmetric" if self.asymmetric else "symmetric"]
         if self.gptq:
-            parts.append(f"gptq ({self.calibration_tokens} calibration tokens)")
+            parts.append(f"gptq{' act-order' if self.act_order else ''} ({self.calibration_tokens} calibration tokens)")
         return ", ".join(parts)
 
 
@@ -402,13 +436,13 @@ class QuantizedModel:
 
 @torch.no_grad()
 def quantize_model(model: ExportModel, scheme: QuantScheme, calibration: list[Tensor] | None = None,
-                   progress: "callable | None" = None) -> QuantizedModel:  # type: ignore[valid-type]
+                   act_order: bool = False) -> QuantizedModel:
     """Quantize every stored weight of `model` as `scheme` says; GPTQ where calibration windows are
     given (the shared embedding, read by a lookup as well as the projection, is rounded to nearest)."""
     hessians = collect_hessians(model, calibration) if calibration else {}
     out: dict[str, QuantizedWeight | Tensor] = {}
     names = weight_names(model, scheme)
-    for i, (name, tensor) in enumerate(names.items()):
+    for name, tensor in names.items():
         wq = scheme.for_weight(name)
         if wq.bits >= 16:
             out[name] = tensor.detach().to(wq.float_dtype)
@@ -416,9 +450,7 @@ def quantize_model(model: ExportModel, scheme: QuantScheme, calibration: list[Te
         hessian = hessians.get(name) if name != "tok_embeddings.weight" else None
         if name == "output.weight" and model.output is None and not scheme.separate_output:
             hessian = None
-        out[name] = wq.quantize(tensor, hessian)
-        if progress is not None and i % 20 == 0:
-            progress(f"quantized {i + 1}/{len(names)} weights")
+        out[name] = wq.quantize(tensor, hessian, act_order)
     return QuantizedModel(scheme, out, "gptq" if hessians else "round-to-nearest")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig, preset
 from .errors import UserError
@@ -19,6 +19,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+if TYPE_CHECKING:
+    from .pipeline import ExportOptions
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "model": {"name": str, "preset": str, "hub_id": str},
@@ -87,3 +90,57 @@ def load_recipe(path: Path) -> Recipe:
         raise UserError(f"{path}: parity.thresholds: {exc}") from None
     return Recipe(path, model.get("name", model["preset"]), model["preset"], model.get("hub_id"), dict(raw.get("export", {})),
                   {k: float(v) for k, v in thresholds.items()})
+
+
+def export_options_from_recipe(
+    plan: Recipe | None,
+    *,
+    checkpoint: Path | None = None,
+    config: str | None = None,
+    tokenizer: Path | None = None,
+    target: str | None = None,
+    bits: int | None = None,
+    group_size: int | None = None,
+    embedding_bits: int | None = None,
+    max_seq_len: int | None = None,
+    fuse: bool | None = None,
+    quant_method: str | None = None,
+    symmetric: bool = False,
+    parity: bool = True,
+    output: Path = Path("dist"),
+    thresholds: dict[str, float] | None = None,
+    name: str | None = None,
+) -> "ExportOptions":
+    """The export a recipe describes (none: the defaults), with every flag given (not None) overriding it.
+
+    The one mapping of recipe keys to ExportOptions, used by `mobilellm-export --recipe` and the repo's
+    benchmarks. `target` may be "all"; `symmetric=True` forces symmetric codes, else the recipe decides;
+    `thresholds` are laid over the recipe's; `name` defaults to the recipe's model name."""
+    from .quantize import QuantMethod
+    from .pipeline import ExportOptions
+    from .targets import TARGET_NAMES
+
+    base = plan.export if plan else {}
+
+    def pick(flag: Any, key: str, default: Any) -> Any:
+        return flag if flag is not None else base.get(key, default)
+
+    target_name = str(pick(target, "target", "all"))
+    emb = pick(embedding_bits, "embedding_bits", None)
+    return ExportOptions(
+        checkpoint=checkpoint,
+        config=config,
+        tokenizer=tokenizer,
+        targets=list(TARGET_NAMES) if target_name == "all" else [target_name],
+        bits=int(pick(bits, "bits", 4)),
+        group_size=int(pick(group_size, "group_size", 32)),
+        embedding_bits=int(emb) if emb is not None else None,
+        max_seq_len=int(pick(max_seq_len, "max_seq_len", 512)),
+        fuse=bool(pick(fuse, "fuse", True)),
+        parity=parity,
+        output=output,
+        thresholds={**(plan.thresholds if plan else {}), **(thresholds or {})},
+        name=name or (plan.name if plan else None),
+        recipe=plan,
+        method=QuantMethod.named(str(pick(quant_method, "quant_method", "gptq")), symmetric or bool(base.get("symmetric", False))),
+    )

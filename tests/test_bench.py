@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.speed import run_suite
 from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
-from mobilellm.exporter.bench import run_suite
 from mobilellm.exporter.checkpoint import save_checkpoint
 
 from conftest import random_model, tiny_config

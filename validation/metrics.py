@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -24,7 +24,7 @@ def compare_logits(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]
     k = min(5, a.shape[-1])
     top_a, top_e = np.argsort(-a, -1)[:, :k], np.argsort(-e, -1)[:, :k]
     overlap = np.mean([len(set(x) & set(y)) / k for x, y in zip(top_a, top_e)])
-    lp_e, lp_a = _log_softmax(e), _log_softmax(a)
+    lp_e, lp_a = log_softmax(e), log_softmax(a)
     kl = (np.exp(lp_e) * (lp_e - lp_a)).sum(-1)  # KL(expected || actual)
     return {
         "max_abs": float(diff.max()),
@@ -42,7 +42,7 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Ids [N, k] (best first) and their log-softmax values [N, k] float32."""
     k = min(k, logits.shape[-1])
     ids = np.argsort(-logits.astype(np.float64), axis=-1, kind="stable")[:, :k]
-    lp = np.take_along_axis(_log_softmax(logits), ids, axis=-1)
+    lp = np.take_along_axis(log_softmax(logits), ids, axis=-1)
     return ids.astype(np.int32), lp.astype(np.float32)
 
 
@@ -53,7 +53,7 @@ def compare_top_k(actual: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, dec
     a lower bound of the full KL (merging outcomes never increases KL) that is tight when the k ids
     hold almost all the mass. `top1_decisive` counts only positions whose expected top-1 leads its
     runner-up by more than `decisive_margin` nats, where a flip is a real difference."""
-    lp_a = _log_softmax(actual)
+    lp_a = log_softmax(actual)
     n = len(ids)
     top1 = lp_a.argmax(-1) == ids[:, 0]
     decisive = (logprobs[:, 0] - logprobs[:, 1]) > decisive_margin if ids.shape[1] > 1 else np.ones(n, bool)
@@ -78,7 +78,7 @@ def compare_top_k(actual: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, dec
 
 def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
     """exp(mean NLL) of `targets` [N] under `logits` [N, vocab]."""
-    lp = _log_softmax(logits)
+    lp = log_softmax(logits)
     return float(math.exp(-lp[np.arange(len(targets)), targets].mean()))
 
 

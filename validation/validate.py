@@ -37,7 +37,7 @@ def golden_from_checkpoint(checkpoint: Path, manifest: dict[str, Any], config: s
     ckpt = load_checkpoint(checkpoint, config)
     model = ExportModel.from_reference(ckpt.model, ExportSettings(max_seq_len=opts.max_seq_len))
     calibration = calibration_windows(ckpt, opts.method, opts.max_seq_len)
-    twin = fake_quantized_twin(model, quantize_model(model, module.quant_scheme(opts), calibration or None))
+    twin = fake_quantized_twin(model, quantize_model(model, module.quant_scheme(opts), calibration or None, opts.method.act_order))
     cfg = ckpt.config
     tokens = parity_tokens(load_tokenizer(ckpt.tokenizer_path), heldout_text(), 512, cfg.vocab_size, cfg.bos_id)
     return compute_golden({"reference": ReferenceRuntime(ckpt.model), "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len)

@@ -100,7 +100,7 @@ def _embedding_quant(opts: TargetOptions) -> WeightQuant:
     if bits == 16:
         return WeightQuant(16, float_dtype=torch.float32)
     # embedding_byte / embedding_4bit keep fp32 scales; 8-bit is one scale per row.
-    wq = WeightQuant(bits, group_size=opts.group_size if bits == 4 else None, scale_dtype=torch.float32)
+    wq = WeightQuant(bits, group_size=opts.group_size if bits == 4 else None, scale_dtype=torch.float32, negative_scales=False)
     return opts.method.apply(wq, has_zero_points=False)
 
 
@@ -110,11 +110,12 @@ def quant_scheme(opts: TargetOptions) -> QuantScheme:
         linear = WeightQuant(16, float_dtype=torch.float32)
         activations = "none"
     elif opts.bits == 8:
-        linear = opts.method.apply(WeightQuant(8, group_size=None, scale_dtype=torch.float32), has_zero_points=False)
+        linear = opts.method.apply(WeightQuant(8, group_size=None, scale_dtype=torch.float32, negative_scales=False), has_zero_points=False)
         activations = "int8_per_token"
     else:
         # XNNPACK serializes per-channel-group scales as bf16 (node_visitor.get_quant_params).
-        linear = opts.method.apply(WeightQuant(4, group_size=opts.group_size, scale_dtype=torch.bfloat16), has_zero_points=False)
+        linear = opts.method.apply(WeightQuant(4, group_size=opts.group_size, scale_dtype=torch.bfloat16, negative_scales=False),
+                                   has_zero_points=False)
         activations = "int8_per_token"
     # The output projection is a separately stored linear quantized like the others (see _separate_output).
     return QuantScheme(linear=linear, embedding=_embedding_quant(opts), output=linear, activations=activations,  # type: ignore[arg-type]
@@ -474,8 +475,9 @@ class ExecuTorchRuntime:
                 self._method = None
                 self.reset()
             except Exception as exc:  # noqa: BLE001 - any load failure is a bad artifact
-                detail = native.read().strip().splitlines()
-                reason = detail[0].split("] ", 1)[-1] if detail else str(exc)
+                detail = [line for line in native.read().strip().splitlines() if "cpuinfo" not in line]
+                failed = [line for line in detail if "fail" in line.lower()] or detail
+                reason = failed[0].split("] ", 1)[-1] if failed else str(exc)
                 raise UserError(f"{pte_path}: not a loadable ExecuTorch program ({reason}); re-export the bundle") from None
 
     def reset(self) -> None:
@@ -534,7 +536,3 @@ def generate_with_runner(
     config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=1 if bos else 0)
     runner.generate(prompt, config, token_callback=collect)
     return "".join(pieces)
-
-
-# The pipeline asks a target for `twin(model, opts)` when the generic twin cannot express it.
-twin = fake_quantized_twin

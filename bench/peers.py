@@ -1,7 +1,7 @@
 """Peer rows for the benchmark: the same checkpoint exported by ExecuTorch's OWN Llama exporter
 (`executorch.examples.models.llama.export_llama`), measured exactly like our bundles.
 
-    python -m mobilellm.exporter.bench_peers --checkpoint DIR --out DIR --bits 4 [--measure] [--check]
+    python -m bench.peers --checkpoint DIR --out DIR --bits 4 [--measure] [--check]    (from the repo root)
 
 The checkpoint is renamed to Meta's llama keys and kept in Hugging Face layout; `use_hf_rope` makes
 ET's transformer rotate-half like our reference (no q/k permutation needed). Before spending minutes
@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bench import _current_rss, _peak_rss, _prompt, _time_decode
-from .checkpoint import Checkpoint, load_checkpoint
-from .errors import UserError
+from mobilellm.exporter.checkpoint import Checkpoint, load_checkpoint
+from mobilellm.exporter.errors import UserError
+from mobilellm.exporter.measure import bench_prompt, current_rss, peak_rss, run_fresh_process, time_decode
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TARGET = "executorch-llama-peer"
 PTE_NAME = "model.pte"
@@ -68,7 +70,7 @@ def check_eager_parity(ckpt: Checkpoint, state: dict[str, Tensor], params: dict[
     from executorch.examples.models.llama.llama_transformer import construct_transformer
     from executorch.examples.models.llama.model_args import ModelArgs
 
-    tokens = torch.from_numpy(_prompt(ckpt.config.vocab_size, n_tokens))[None]
+    tokens = torch.from_numpy(bench_prompt(ckpt.config.vocab_size, n_tokens))[None]
     ref = ckpt.model(tokens)[0]
     result: dict[str, float] = {}
     for kv in (False, True):
@@ -154,34 +156,39 @@ def export_executorch_llama_peer(checkpoint: Path, out_dir: Path, bits: int, gro
 
 
 # ----------------------------------------------------------------------------- runtime
-def _open(pte: Path, vocab_size: int) -> Any:
-    from .targets.executorch import ExecuTorchRuntime
+def _open(pte: Path) -> Any:
+    """ET's llama program through our ExecuTorch runtime: same inputs as ours (tokens [1, S],
+    input_pos [1]), last-position logits [1, V] (`forward_last` handles both shapes)."""
+    from mobilellm.exporter.targets.executorch import ExecuTorchRuntime
 
-    class LastTokenRuntime(ExecuTorchRuntime):
-        """ET's llama: same inputs as ours (tokens [1, S], input_pos [1]), last-position logits [1, V]
-        (`forward_last` handles both shapes); plus its metadata methods."""
+    return ExecuTorchRuntime(pte)
 
-        def metadata(self, name: str) -> int:
-            return int(self._program.load_method(name).execute([])[0])
 
-    return LastTokenRuntime(pte)
+def _max_context_len(pte: Path, side: dict[str, Any]) -> int:
+    """The program's KV-cache length: the sidecar our export wrote, else the program's own
+    `get_max_context_len` metadata method (read before any measurement starts)."""
+    if "max_seq_len" in side:
+        return int(side["max_seq_len"])  # export_flags passes it as --max_context_length
+    from executorch.runtime import Runtime
+
+    return int(Runtime.get().load_program(pte).load_method("get_max_context_len").execute([])[0])
 
 
 def measure_pte(pte: Path, vocab_size: int, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
-    """In-process measurement with bench.measure_bundle's keys (call in a fresh process)."""
+    """In-process measurement with mobilellm.exporter.measure.measure_bundle's keys (call in a fresh process)."""
     torch.set_num_threads(threads)
     pte = Path(pte)
     side = json.loads((pte.parent / SIDECAR).read_text()) if (pte.parent / SIDECAR).is_file() else {}
-    base_rss = _current_rss()
+    max_context = _max_context_len(pte, side)
+    base_rss = current_rss()
     t0 = time.perf_counter()
-    runtime = _open(pte, vocab_size)
+    runtime = _open(pte)
     load_s = time.perf_counter() - t0
-    max_context = runtime.metadata("get_max_context_len")
-    prompt = _prompt(vocab_size, min(prompt_tokens, max_context - decode_tokens - 1))
-    _time_decode(runtime, prompt[:8], 2)  # warm-up, as measure_bundle
-    timing = _time_decode(runtime, prompt, decode_tokens)
+    prompt = bench_prompt(vocab_size, min(prompt_tokens, max_context - decode_tokens - 1))
+    time_decode(runtime, prompt[:8], 2)  # warm-up, as measure_bundle
+    timing = time_decode(runtime, prompt, decode_tokens)
     return {"bundle": pte.parent.name, "target": TARGET, "bits": side.get("bits"), "threads": threads, "load_s": load_s,
-            **timing, "peak_rss_bytes": _peak_rss(), "rss_over_baseline_bytes": _peak_rss() - base_rss,
+            **timing, "peak_rss_bytes": peak_rss(), "rss_over_baseline_bytes": peak_rss() - base_rss,
             "artifact_bytes": pte.stat().st_size, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens}
 
 
@@ -190,8 +197,8 @@ def compare_pte_logits(pte: Path, checkpoint: Path, n_tokens: int = 24, decode: 
     """The peer .pte vs our reference on a prompt and greedy continuation fed to both (teacher
     forcing with the reference's tokens): max |logit diff| and top-1 agreement per position."""
     ckpt = load_checkpoint(checkpoint)
-    runtime = _open(pte, ckpt.config.vocab_size)
-    prompt = _prompt(ckpt.config.vocab_size, n_tokens)
+    runtime = _open(pte)
+    prompt = bench_prompt(ckpt.config.vocab_size, n_tokens)
     seq = torch.tensor(prompt.tolist() + ckpt.model.generate(prompt.tolist(), decode))[None]
     ref = ckpt.model(seq)[0].numpy()
     got = [runtime.forward_last(prompt, 0)[-1]] + [runtime.forward_last(seq[0, p : p + 1].numpy(), p)[-1] for p in range(n_tokens, seq.shape[1] - 1)]
@@ -203,11 +210,10 @@ def compare_pte_logits(pte: Path, checkpoint: Path, n_tokens: int = 24, decode: 
 
 # ----------------------------------------------------------------------------- CLI
 def measure_pte_subprocess(checkpoint: Path, out: Path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
-    """measure_pte of OUT/model.pte in a fresh process (clean RSS baseline), as bench times our bundles."""
-    from .bench import _subprocess
-
-    return _subprocess(["--checkpoint", str(checkpoint), "--out", str(out), "--measure-only", "--threads", str(threads),
-                        "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)], "mobilellm.exporter.bench_peers")
+    """measure_pte of OUT/model.pte in a fresh process (clean RSS baseline), as bench.speed times our bundles."""
+    return run_fresh_process("bench.peers", ["--checkpoint", str(checkpoint), "--out", str(out), "--measure-only", "--threads",
+                                             str(threads), "--prompt-tokens", str(prompt_tokens), "--decode-tokens",
+                                             str(decode_tokens)], pythonpath=[REPO_ROOT])
 
 
 def main() -> None:

@@ -1,135 +1,55 @@
-"""Benchmarks: `mobilellm-export bench BUNDLE` and `make bench` (real sizes, every target, ratios vs eager PyTorch).
+"""`make bench`: random-weight checkpoints of real sizes exported through their recipes to every target,
+timed next to eager PyTorch (and, with --peers, ExecuTorch's own export_llama). Not installed; run
+from the repo root:
+
+    python -m bench.speed --output bench-results/ [--peers] [--presets 125M] [--targets onnx] [--bits 4]
 
 Each measurement runs in a fresh Python process so load time and peak RSS are the runtime's own,
-not what earlier work left in this process.
+not what earlier work left in this process (one bundle: `mobilellm-export bench BUNDLE`,
+mobilellm.exporter.measure).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from mobilellm.exporter.bundle import artifact_bytes
+from mobilellm.exporter.measure import (bench_bundle_subprocess, bench_prompt, current_rss, measure_bundle, peak_rss,
+                                        run_fresh_process, time_decode)
 
-from .bundle import artifact_bytes
-
-_RSS_UNIT = 1024 if sys.platform != "darwin" else 1  # ru_maxrss: KiB on Linux, bytes on macOS
-
-
-def _peak_rss() -> int:
-    """This process's peak RSS. On Linux VmHWM, which restarts at exec; ru_maxrss would carry over the
-    forking parent's peak into the child."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
-
-
-def _current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return _peak_rss()
-
-
-def _time_decode(runtime: Any, prompt: np.ndarray, decode_tokens: int) -> dict[str, float]:
-    # A runtime whose program returns only the last position (ExecuTorch) is timed on that one call,
-    # as a generation runner uses it, not on `forward`'s every-position reconstruction.
-    step = getattr(runtime, "forward_last", runtime.forward)
-    runtime.reset()
-    t0 = time.perf_counter()
-    logits = step(prompt, 0)
-    prefill_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    for i in range(decode_tokens):
-        nxt = np.asarray([int(np.argmax(logits[-1]))], dtype=np.int64)
-        logits = step(nxt, len(prompt) + i)
-    decode_s = time.perf_counter() - t1
-    return {"prefill_tokens_per_s": len(prompt) / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s,
-            "prefill_s": prefill_s, "decode_s": decode_s}
-
-
-def _prompt(vocab: int, n: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(3, vocab, n).astype(np.int64)
-
-
-def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
-    """In-process measurement (call in a fresh process: see bench_bundle_subprocess)."""
-    import torch
-
-    from .bundle import read_manifest
-    from .targets import load_target
-
-    torch.set_num_threads(threads)
-    manifest = read_manifest(bundle)
-    module = load_target(manifest["target"])
-    base_rss = _current_rss()
-    t0 = time.perf_counter()
-    runtime = module.open_runtime(bundle, manifest)
-    load_s = time.perf_counter() - t0
-    load_rss = _current_rss() - base_rss
-    prompt = _prompt(manifest["vocab_size"], min(prompt_tokens, manifest["max_context"] - decode_tokens - 1))
-    _time_decode(runtime, prompt[:8], 2)  # warm-up (first-call allocations, kernel packing)
-    timing = _time_decode(runtime, prompt, decode_tokens)
-    size = artifact_bytes(manifest["files"], manifest["artifact"])
-    return {"bundle": manifest["name"], "target": manifest["target"], "bits": manifest["bits"], "threads": threads,
-            "load_s": load_s, **timing, "peak_rss_bytes": _peak_rss(), "rss_over_baseline_bytes": _peak_rss() - base_rss,
-            "rss_after_load_bytes": load_rss, "artifact_bytes": size, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens,
-            **({"xnnpack_weight_cache": runtime.xnnpack_weight_cache} if hasattr(runtime, "xnnpack_weight_cache") else {})}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
 
 
 def measure_eager(checkpoint: Path, threads: int, prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512) -> dict[str, Any]:
     """The PyTorch eager reference (fp32, dynamic KV state) on the same machine."""
     import torch
 
+    from mobilellm.exporter.checkpoint import load_checkpoint
     from mobilellm.validation.parity import ReferenceRuntime
 
-    from .checkpoint import load_checkpoint
-
     torch.set_num_threads(threads)
-    base_rss = _current_rss()
+    base_rss = current_rss()
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     load_s = time.perf_counter() - t0
     runtime = ReferenceRuntime(ckpt.model)
-    prompt = _prompt(ckpt.config.vocab_size, min(prompt_tokens, max_seq_len - decode_tokens - 1))
-    _time_decode(runtime, prompt[:8], 2)
-    timing = _time_decode(runtime, prompt, decode_tokens)
+    prompt = bench_prompt(ckpt.config.vocab_size, min(prompt_tokens, max_seq_len - decode_tokens - 1))
+    time_decode(runtime, prompt[:8], 2)
+    timing = time_decode(runtime, prompt, decode_tokens)
     weights = sum(p.numel() * p.element_size() for p in ckpt.model.parameters())
     return {"bundle": "pytorch-eager-fp32", "target": "pytorch", "bits": 32, "threads": threads, "load_s": load_s, **timing,
-            "peak_rss_bytes": _peak_rss(), "rss_over_baseline_bytes": _peak_rss() - base_rss, "artifact_bytes": weights,
+            "peak_rss_bytes": peak_rss(), "rss_over_baseline_bytes": peak_rss() - base_rss, "artifact_bytes": weights,
             "prompt_tokens": len(prompt), "decode_tokens": decode_tokens}
 
 
-def _subprocess(args: list[str], module: str = "mobilellm.exporter.bench") -> dict[str, Any]:
-    """Run `python -m module args` in a fresh process; its last stdout line is the JSON result."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark subprocess failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def bench_bundle_subprocess(bundle: Path, threads: int = 2, prompt_tokens: int = 128, decode_tokens: int = 64) -> dict[str, Any]:
-    from .bundle import read_manifest
-
-    read_manifest(bundle)  # a clear error for a bad path before spawning anything
-    return _subprocess(["--one", str(bundle), "--threads", str(threads), "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)])
-
-
 def bench_eager_subprocess(checkpoint: Path, threads: int = 2, prompt_tokens: int = 128, decode_tokens: int = 64) -> dict[str, Any]:
-    return _subprocess(["--eager", str(checkpoint), "--threads", str(threads), "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens)])
+    return run_fresh_process("bench.speed", ["--eager", str(checkpoint), "--threads", str(threads), "--prompt-tokens",
+                                             str(prompt_tokens), "--decode-tokens", str(decode_tokens)], pythonpath=[REPO_ROOT])
 
 
 # ------------------------------------------------------------------------------ make bench
@@ -144,12 +64,9 @@ def minimum_bytes(manifest: dict[str, Any]) -> int:
     return int(out + (2 * m["n_layers"] + 1) * m["dim"] * 2)
 
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-
-
 def find_recipe(preset_name: str, target: str, bits: int) -> Path | None:
     """The repo's recipe for this preset/target/bits (bench exports what users export), if any."""
-    from .recipe import load_recipe
+    from mobilellm.exporter.recipe import load_recipe
 
     for path in sorted(RECIPES_DIR.glob(f"*/{target}-{bits}bit.toml")):
         if load_recipe(path).preset == preset_name:
@@ -158,20 +75,13 @@ def find_recipe(preset_name: str, target: str, bits: int) -> Path | None:
 
 
 def export_options_for(preset_name: str, ckpt: Path, target: str, bits: int, output: Path, max_seq_len: int) -> Any:
-    """The recipe's choices (its model check included) with the bench's context length."""
-    from .pipeline import ExportOptions
-    from .recipe import load_recipe
+    """The recipe's choices (its model check and quantization method included) with the bench's target,
+    bits, context length and bundle name, through the CLI's own recipe mapping."""
+    from mobilellm.exporter.recipe import export_options_from_recipe, load_recipe
 
-    options = ExportOptions(checkpoint=ckpt, targets=[target], bits=bits, parity=False, output=output, name=preset_name,
-                            max_seq_len=max_seq_len)
     path = find_recipe(preset_name, target, bits)
-    if path is not None:
-        recipe = load_recipe(path)
-        options.group_size = recipe.export.get("group_size", options.group_size)
-        options.embedding_bits = recipe.export.get("embedding_bits")
-        options.fuse = recipe.export.get("fuse", True)
-        options.recipe = recipe
-    return options
+    return export_options_from_recipe(load_recipe(path) if path is not None else None, checkpoint=ckpt, target=target,
+                                      bits=bits, max_seq_len=max_seq_len, parity=False, output=output, name=preset_name)
 
 
 def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: list[int], threads: int,
@@ -183,10 +93,10 @@ def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: l
     again: speed ratios are only fair when every row is timed under the same machine load.
     `peers` adds ExecuTorch's own Llama exporter on the same checkpoint (unshared presets only: it
     has no layer sharing) next to every ExecuTorch row."""
-    from .bundle import read_manifest
-    from .pipeline import run_export
-    from .random_checkpoint import write_random_checkpoint
-    from .targets import available_targets, load_target
+    from mobilellm.exporter.bundle import read_manifest
+    from mobilellm.exporter.pipeline import run_export
+    from mobilellm.exporter.random_checkpoint import write_random_checkpoint
+    from mobilellm.exporter.targets import available_targets, load_target
 
     output.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -237,7 +147,7 @@ def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: l
 def peer_row(preset_name: str, ckpt: Path, bits: int, output: Path, max_seq_len: int, threads: int, prompt_tokens: int,
              decode_tokens: int, eager: dict[str, Any], reuse: bool, ours: dict[str, Any]) -> dict[str, Any]:
     """ExecuTorch's examples/models/llama exporter (export_llama) on the same weights, timed the same way."""
-    from .bench_peers import PTE_NAME, export_executorch_llama_peer, measure_pte_subprocess
+    from bench.peers import PTE_NAME, export_executorch_llama_peer, measure_pte_subprocess
 
     out = output / "peers" / f"{preset_name}-executorch-llama-{bits}bit"
     export_s = None
