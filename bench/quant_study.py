@@ -85,8 +85,8 @@ def main() -> None:
                 extra = []
                 for item in args.overrides.split(","):
                     pattern, bits = item.split("=")
-                    base = scheme.output if pattern == "output.weight" else scheme.linear
-                    wq = dataclasses.replace(base, bits=int(bits), group_size=None if int(bits) == 8 else base.group_size)
+                    like = scheme.output if pattern == "output.weight" else scheme.linear
+                    wq = dataclasses.replace(like, bits=int(bits), group_size=None if int(bits) == 8 else like.group_size)
                     if pattern == "output.weight":
                         extra.append((pattern, wq))
                     else:

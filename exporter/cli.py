@@ -58,7 +58,8 @@ def export(
     config: Optional[str] = typer.Option(None, "--config", help="Preset (e.g. 125M-LS) or config.json; required for a bare .pt/.pth."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.model / tokenizer.json if not beside the checkpoint."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Group size of int4 weights; must divide every input width. Default: 32."),
-    embedding_bits: Optional[Bits] = typer.Option(None, "--embedding-bits", help="Precision of the (shared) embedding table. Default: 8 (16 when --bits 16)."),
+    embedding_bits: Optional[Bits] = typer.Option(None, "--embedding-bits", help="Precision of the (shared) embedding table. Default: the target's (see README)."),
+    output_bits: Optional[Bits] = typer.Option(None, "--output-bits", help="Precision of an output projection stored apart from the embedding (ExecuTorch, untied lm_head). Default: the target's."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="KV-cache length of the exported model (up to the config's max context). Default: 512."),
     quant_method: Optional[QuantMethodChoice] = typer.Option(
         None, "--quant-method", help="How int codes are chosen: gptq (searched clipping + GPTQ rounding on the shipped calibration text), "
@@ -86,6 +87,7 @@ def export(
         bits=int(bits.value) if bits else None,
         group_size=group_size,
         embedding_bits=int(embedding_bits.value) if embedding_bits else None,
+        output_bits=int(output_bits.value) if output_bits else None,
         max_seq_len=max_seq_len,
         fuse=False if no_fuse else None,
         quant_method=quant_method.value if quant_method else None,

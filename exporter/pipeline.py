@@ -30,6 +30,7 @@ class ExportOptions:
     bits: int = 4
     group_size: int = 32
     embedding_bits: int | None = None
+    output_bits: int | None = None  # a separately stored output projection (ExecuTorch; untied lm_head)
     max_seq_len: int = 512
     fuse: bool = True
     parity: bool = True
@@ -124,7 +125,8 @@ def run_export(options: ExportOptions) -> list[Path]:
         options.recipe.check_matches(ckpt.config)
     if ckpt.tokenizer_path is None:
         raise UserError(f"{ckpt.source}: no tokenizer.model or tokenizer.json beside the checkpoint; pass --tokenizer PATH")
-    opts = TargetOptions(options.bits, options.group_size, options.embedding_bits, options.max_seq_len, options.fuse, options.method)
+    opts = TargetOptions(bits=options.bits, group_size=options.group_size, embedding_bits=options.embedding_bits,
+                         output_bits=options.output_bits, max_seq_len=options.max_seq_len, fuse=options.fuse, method=options.method)
     settings = ExportSettings(max_seq_len=options.max_seq_len, fuse=options.fuse)
     check_group_size(ckpt, opts)
     ExportModel(ckpt.config, settings)  # validates --max-seq-len before any target work

@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "model": {"name": str, "preset": str, "hub_id": str},
-    "export": {"target": str, "bits": int, "group_size": int, "embedding_bits": int, "max_seq_len": int, "fuse": bool,
+    "export": {"target": str, "bits": int, "group_size": int, "embedding_bits": int, "output_bits": int, "max_seq_len": int, "fuse": bool,
                "quant_method": str, "symmetric": bool},
     "parity": {"thresholds": dict},
 }
-_CHOICES = {"target": ("executorch", "coreml", "onnx", "all"), "bits": (4, 8, 16), "embedding_bits": (4, 8, 16),
+_CHOICES = {"target": ("executorch", "coreml", "onnx", "all"), "bits": (4, 8, 16), "embedding_bits": (4, 8, 16), "output_bits": (4, 8, 16),
             "quant_method": ("gptq", "mse", "rtn")}
 
 
@@ -102,6 +102,7 @@ def export_options_from_recipe(
     bits: int | None = None,
     group_size: int | None = None,
     embedding_bits: int | None = None,
+    output_bits: int | None = None,
     max_seq_len: int | None = None,
     fuse: bool | None = None,
     quant_method: str | None = None,
@@ -127,6 +128,7 @@ def export_options_from_recipe(
 
     target_name = str(pick(target, "target", "all"))
     emb = pick(embedding_bits, "embedding_bits", None)
+    out_bits = pick(output_bits, "output_bits", None)
     return ExportOptions(
         checkpoint=checkpoint,
         config=config,
@@ -135,6 +137,7 @@ def export_options_from_recipe(
         bits=int(pick(bits, "bits", 4)),
         group_size=int(pick(group_size, "group_size", 32)),
         embedding_bits=int(emb) if emb is not None else None,
+        output_bits=int(out_bits) if out_bits is not None else None,
         max_seq_len=int(pick(max_seq_len, "max_seq_len", 512)),
         fuse=bool(pick(fuse, "fuse", True)),
         parity=parity,

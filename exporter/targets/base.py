@@ -32,6 +32,7 @@ class TargetOptions:
     bits: int = 4
     group_size: int = 32
     embedding_bits: int | None = None  # None: the target's default (8, or 16 with --bits 16)
+    output_bits: int | None = None  # a separately stored output projection; None: the target's default
     max_seq_len: int = 512
     fuse: bool = True
     method: QuantMethod = field(default_factory=QuantMethod)  # how codes are chosen within the format

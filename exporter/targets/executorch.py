@@ -62,6 +62,8 @@ def _check_bits(opts: TargetOptions) -> None:
         raise UserError(f"--bits must be 4, 8 or 16 for the executorch target, got {opts.bits}")
     if opts.resolved_embedding_bits() not in (4, 8, 16):
         raise UserError(f"--embedding-bits must be 4, 8 or 16, got {opts.resolved_embedding_bits()}")
+    if output_bits(opts) not in (4, 8, 16):
+        raise UserError(f"--output-bits must be 4, 8 or 16, got {output_bits(opts)}")
 
 
 def _linear_widths(model_cfg: Any) -> dict[str, int]:
@@ -74,7 +76,7 @@ def _linear_widths(model_cfg: Any) -> dict[str, int]:
 
 def check_group_size(model_cfg: Any, opts: TargetOptions) -> None:
     """Refuse a group size that would leave a layer unquantized (torchao would silently skip it)."""
-    uses_groups = opts.bits == 4 or opts.resolved_embedding_bits() == 4
+    uses_groups = 4 in (opts.bits, opts.resolved_embedding_bits(), output_bits(opts))
     if not uses_groups:
         return
     g = opts.group_size
@@ -92,7 +94,7 @@ def check_group_size(model_cfg: Any, opts: TargetOptions) -> None:
 def _separate_output(opts: TargetOptions) -> bool:
     """Whether a shared embedding's output projection is its own (differently rounded) weight: always
     except fp32 linears over an fp32 table, where both read the one fp32 tensor."""
-    return opts.bits != 16 or opts.resolved_embedding_bits() != 16
+    return output_bits(opts) != 16 or opts.resolved_embedding_bits() != 16
 
 
 def _embedding_quant(opts: TargetOptions) -> WeightQuant:
@@ -104,22 +106,28 @@ def _embedding_quant(opts: TargetOptions) -> WeightQuant:
     return opts.method.apply(wq, has_zero_points=False)
 
 
+def _linear_quant(bits: int, opts: TargetOptions) -> WeightQuant:
+    if bits == 16:
+        return WeightQuant(16, float_dtype=torch.float32)
+    if bits == 8:
+        return opts.method.apply(WeightQuant(8, group_size=None, scale_dtype=torch.float32, negative_scales=False), has_zero_points=False)
+    # XNNPACK serializes per-channel-group scales as bf16 (node_visitor.get_quant_params).
+    return opts.method.apply(WeightQuant(4, group_size=opts.group_size, scale_dtype=torch.bfloat16, negative_scales=False),
+                             has_zero_points=False)
+
+
+def output_bits(opts: TargetOptions) -> int:
+    """The separately stored output projection's precision: `--output-bits`, else the linears'."""
+    return opts.output_bits if opts.output_bits is not None else opts.bits
+
+
 def quant_scheme(opts: TargetOptions) -> QuantScheme:
     _check_bits(opts)
-    if opts.bits == 16:
-        linear = WeightQuant(16, float_dtype=torch.float32)
-        activations = "none"
-    elif opts.bits == 8:
-        linear = opts.method.apply(WeightQuant(8, group_size=None, scale_dtype=torch.float32, negative_scales=False), has_zero_points=False)
-        activations = "int8_per_token"
-    else:
-        # XNNPACK serializes per-channel-group scales as bf16 (node_visitor.get_quant_params).
-        linear = opts.method.apply(WeightQuant(4, group_size=opts.group_size, scale_dtype=torch.bfloat16, negative_scales=False),
-                                   has_zero_points=False)
-        activations = "int8_per_token"
-    # The output projection is a separately stored linear quantized like the others (see _separate_output).
-    return QuantScheme(linear=linear, embedding=_embedding_quant(opts), output=linear, activations=activations,  # type: ignore[arg-type]
-                       separate_output=_separate_output(opts))
+    linear = _linear_quant(opts.bits, opts)
+    # The output projection is a separately stored linear (see _separate_output), quantized like the
+    # linears unless --output-bits says otherwise; int8 dynamic activations wherever weights are ints.
+    return QuantScheme(linear=linear, embedding=_embedding_quant(opts), output=_linear_quant(output_bits(opts), opts),
+                       activations="none" if opts.bits == 16 else "int8_per_token", separate_output=_separate_output(opts))
 
 
 # ============================================================================ custom-op attention
