@@ -64,7 +64,8 @@ def export(
     quant_method: Optional[QuantMethodChoice] = typer.Option(
         None, "--quant-method", help="How int codes are chosen: gptq (searched clipping + GPTQ rounding on the shipped calibration text), "
         "mse (searched clipping, round to nearest) or rtn (symmetric max|w|/qmax, round to nearest). Default: gptq."),
-    symmetric: bool = typer.Option(False, "--symmetric", help="No zero points, even where the format stores them (Core ML, ONNX)."),
+    zero_points: Optional[bool] = typer.Option(None, "--zero-points/--no-zero-points", help="Store a zero point per group where the format can (Core ML, ONNX). Default: the method's (gptq: no, mse: yes)."),
+    layer_bits: Optional[list[str]] = typer.Option(None, "--layer-bits", help="Mixed precision: ROLE=BITS for every block's ROLE linear (wqkv, wo, w13, w2; unfused: wq wk wv w1 w3), repeatable; 'none' for uniform. Default: the target's (README)."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep Q/K/V and gate/up projections separate (debugging)."),
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity run after export."),
     threshold: Optional[list[str]] = typer.Option(
@@ -91,13 +92,29 @@ def export(
         max_seq_len=max_seq_len,
         fuse=False if no_fuse else None,
         quant_method=quant_method.value if quant_method else None,
-        symmetric=symmetric,
+        zero_points=zero_points,
+        layer_bits=parse_layer_bits(layer_bits),
         parity=not no_parity,
         output=output,
         thresholds=parse_thresholds(threshold),
         name=name,
     )
     run_export(options)
+
+
+def parse_layer_bits(items: list[str] | None) -> dict[str, int] | None:
+    if not items:
+        return None
+    if items == ["none"]:
+        return {}
+    out: dict[str, int] = {}
+    roles = ("wqkv", "wo", "w13", "w2", "wq", "wk", "wv", "w1", "w3")
+    for item in items:
+        role, _, bits = item.partition("=")
+        if role not in roles or bits not in ("4", "8", "16"):
+            raise UserError(f"--layer-bits {item!r}: expected ROLE=BITS with ROLE one of {', '.join(roles)} and BITS 4, 8 or 16, e.g. w2=8")
+        out[role] = int(bits)
+    return out
 
 
 def parse_thresholds(items: Optional[list[str]]) -> dict[str, float]:

@@ -31,6 +31,7 @@ class ExportOptions:
     group_size: int = 32
     embedding_bits: int | None = None
     output_bits: int | None = None  # a separately stored output projection (ExecuTorch; untied lm_head)
+    layer_bits: dict[str, int] | None = None  # mixed precision: block linear role -> bits; None: the target's default
     max_seq_len: int = 512
     fuse: bool = True
     parity: bool = True
@@ -80,9 +81,10 @@ def quantize(model: ExportModel, scheme: Any, calibration: list[Any], act_order:
     return quantized
 
 
-def manifest_for(name: str, module: TargetModule, ckpt: Checkpoint, opts: TargetOptions, artifact: Any, files: dict[str, Any],
-                 parity: dict[str, Any] | None, tokenizer_name: str | None) -> dict[str, Any]:
+def manifest_for(name: str, module: TargetModule, ckpt: Checkpoint, opts: TargetOptions, quantized: QuantizedModel, artifact: Any,
+                 files: dict[str, Any], parity: dict[str, Any] | None, tokenizer_name: str | None) -> dict[str, Any]:
     cfg = ckpt.config
+    scheme = quantized.scheme
     return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "name": name,
@@ -91,7 +93,7 @@ def manifest_for(name: str, module: TargetModule, ckpt: Checkpoint, opts: Target
         "artifacts": artifact.files,
         "tokenizer": tokenizer_name,
         "bits": opts.bits,
-        "embedding_bits": opts.resolved_embedding_bits(),
+        "embedding_bits": scheme.embedding.bits,
         "group_size": opts.group_size,
         "max_context": opts.max_seq_len,
         "vocab_size": cfg.vocab_size,
@@ -104,7 +106,8 @@ def manifest_for(name: str, module: TargetModule, ckpt: Checkpoint, opts: Target
             "norm_eps": cfg.norm_eps, "unique_params": cfg.unique_params(),
         },
         "source": {"checkpoint": ckpt.source.name, "format": ckpt.source_format, "dtype": ckpt.source_dtype},
-        "quantization": {"method": opts.method.to_dict()},
+        "quantization": {"method": opts.method.to_dict(), "output_bits": scheme.output.bits,
+                         "layer_bits": {role: wq.bits for role, wq in scheme.overrides}},
         "io": artifact.io,
         "target_info": artifact.info,
         "files": files,
@@ -126,7 +129,8 @@ def run_export(options: ExportOptions) -> list[Path]:
     if ckpt.tokenizer_path is None:
         raise UserError(f"{ckpt.source}: no tokenizer.model or tokenizer.json beside the checkpoint; pass --tokenizer PATH")
     opts = TargetOptions(bits=options.bits, group_size=options.group_size, embedding_bits=options.embedding_bits,
-                         output_bits=options.output_bits, max_seq_len=options.max_seq_len, fuse=options.fuse, method=options.method)
+                         output_bits=options.output_bits, max_seq_len=options.max_seq_len, fuse=options.fuse, method=options.method,
+                         layer_bits=None if options.layer_bits is None else tuple(sorted(options.layer_bits.items())))
     settings = ExportSettings(max_seq_len=options.max_seq_len, fuse=options.fuse)
     check_group_size(ckpt, opts)
     ExportModel(ckpt.config, settings)  # validates --max-seq-len before any target work
@@ -159,13 +163,13 @@ def run_export(options: ExportOptions) -> list[Path]:
                 golden = compute_golden({"reference": reference, "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len)
                 golden.save(tmp / GOLDEN_FILE)
             files = file_entries(tmp, [*artifact.files, tok_name] + ([GOLDEN_FILE] if options.parity else []))
-            manifest = manifest_for(name, module, ckpt, opts, artifact, files, None, tok_name)
+            manifest = manifest_for(name, module, ckpt, opts, quantized, artifact, files, None, tok_name)
             write_json(tmp / MANIFEST, manifest)
             if options.parity:
                 runtime = module.open_runtime(tmp, manifest)
                 result = run_parity(runtime, golden, thresholds, lambda m: log(f"[{module.NAME}] parity: {m}"))
                 report = report_dict(result, {"bundle": name, "target": module.NAME, "bits": opts.bits,
-                                              "embedding_bits": opts.resolved_embedding_bits()}, thresholds)
+                                              "embedding_bits": quantized.scheme.embedding.bits}, thresholds)
                 write_reports(report, tmp)
                 parity_summary = {"passed": result.passed, "report": "parity.json",
                                   "top1_vs_reference": result.overall["reference"]["top1_agreement"],

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "model": {"name": str, "preset": str, "hub_id": str},
     "export": {"target": str, "bits": int, "group_size": int, "embedding_bits": int, "output_bits": int, "max_seq_len": int, "fuse": bool,
-               "quant_method": str, "symmetric": bool},
+               "quant_method": str, "zero_points": bool, "layer_bits": dict},
     "parity": {"thresholds": dict},
 }
 _CHOICES = {"target": ("executorch", "coreml", "onnx", "all"), "bits": (4, 8, 16), "embedding_bits": (4, 8, 16), "output_bits": (4, 8, 16),
@@ -106,7 +106,8 @@ def export_options_from_recipe(
     max_seq_len: int | None = None,
     fuse: bool | None = None,
     quant_method: str | None = None,
-    symmetric: bool = False,
+    zero_points: bool | None = None,
+    layer_bits: dict[str, int] | None = None,
     parity: bool = True,
     output: Path = Path("dist"),
     thresholds: dict[str, float] | None = None,
@@ -115,7 +116,7 @@ def export_options_from_recipe(
     """The export a recipe describes (none: the defaults), with every flag given (not None) overriding it.
 
     The one mapping of recipe keys to ExportOptions, used by `mobilellm-export --recipe` and the repo's
-    benchmarks. `target` may be "all"; `symmetric=True` forces symmetric codes, else the recipe decides;
+    benchmarks. `target` may be "all"; `zero_points` and `layer_bits` (role -> bits, e.g. {"w2": 8}) override the recipe's;
     `thresholds` are laid over the recipe's; `name` defaults to the recipe's model name."""
     from .quantize import QuantMethod
     from .pipeline import ExportOptions
@@ -145,5 +146,6 @@ def export_options_from_recipe(
         thresholds={**(plan.thresholds if plan else {}), **(thresholds or {})},
         name=name or (plan.name if plan else None),
         recipe=plan,
-        method=QuantMethod.named(str(pick(quant_method, "quant_method", "gptq")), symmetric or bool(base.get("symmetric", False))),
+        method=QuantMethod.named(str(pick(quant_method, "quant_method", "gptq")), pick(zero_points, "zero_points", None)),
+        layer_bits=pick(layer_bits, "layer_bits", None),
     )

@@ -25,9 +25,11 @@ def _log(msg: str) -> None:
 
 
 def options_from_manifest(manifest: dict[str, Any]) -> TargetOptions:
-    method = QuantMethod.from_dict(manifest.get("quantization", {}).get("method", {}))
+    quant = manifest.get("quantization", {})
+    method = QuantMethod.from_dict(quant.get("method", {}))
+    layer_bits = tuple(sorted((role, int(bits)) for role, bits in quant.get("layer_bits", {}).items()))
     return TargetOptions(bits=manifest["bits"], group_size=manifest["group_size"], embedding_bits=manifest["embedding_bits"],
-                         max_seq_len=manifest["max_context"], method=method)
+                         output_bits=quant.get("output_bits"), max_seq_len=manifest["max_context"], method=method, layer_bits=layer_bits)
 
 
 def golden_from_checkpoint(checkpoint: Path, manifest: dict[str, Any], config: str | None = None) -> Golden:

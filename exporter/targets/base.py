@@ -33,9 +33,16 @@ class TargetOptions:
     group_size: int = 32
     embedding_bits: int | None = None  # None: the target's default (8, or 16 with --bits 16)
     output_bits: int | None = None  # a separately stored output projection; None: the target's default
+    # Mixed precision: (block linear role, bits) pairs, e.g. (("w2", 8),); None: the target's default.
+    layer_bits: tuple[tuple[str, int], ...] | None = None
     max_seq_len: int = 512
     fuse: bool = True
     method: QuantMethod = field(default_factory=QuantMethod)  # how codes are chosen within the format
+
+    def resolved_layer_bits(self, default: dict[int, tuple[tuple[str, int], ...]]) -> tuple[tuple[str, int], ...]:
+        """(role, bits) of the block linears not at `bits`: the options', else the target's default for these bits."""
+        chosen = self.layer_bits if self.layer_bits is not None else default.get(self.bits, ())
+        return tuple((role, bits) for role, bits in chosen if bits != self.bits)
 
     def resolved_embedding_bits(self) -> int:
         if self.embedding_bits is not None:

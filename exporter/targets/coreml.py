@@ -62,6 +62,9 @@ _OUTPUT_CONST = "output_weight_to_fp16"
 
 
 # ----------------------------------------------------------------------------- quantization scheme
+# Mixed precision by default at 4 bits: every down projection at 8 bits (per channel). Measured on the
+# real 135M model with ONNX's identical choice: +7.4% -> +3.5% perplexity for +10 MB.
+DEFAULT_LAYER_BITS: dict[int, tuple[tuple[str, int], ...]] = {4: (("w2", 8),)}
 def _weight_quant(bits: int, group_size: int | None, method: QuantMethod) -> WeightQuant:
     if bits == 16:
         return WeightQuant(bits=16, float_dtype=torch.float16)
@@ -81,9 +84,11 @@ def quant_scheme(opts: TargetOptions) -> QuantScheme:
     linear = _weight_quant(opts.bits, opts.group_size if opts.bits == 4 else None, opts.method)
     eb = opts.resolved_embedding_bits()
     embedding = _weight_quant(eb, opts.group_size if eb == 4 else None, opts.method)
+    overrides = tuple((role, _weight_quant(bits, opts.group_size if bits == 4 else None, opts.method))
+                      for role, bits in opts.resolved_layer_bits(DEFAULT_LAYER_BITS))
     # compute_dtype stays fp32: the twin isolates *weight rounding*; fp16 arithmetic is part of the
     # lowering error measured artifact-vs-twin (RMSNorm statistics are fp32 in both).
-    return QuantScheme(linear=linear, embedding=embedding, output=embedding, compute_dtype=torch.float32)
+    return QuantScheme(linear=linear, embedding=embedding, output=embedding, compute_dtype=torch.float32, overrides=overrides)
 
 
 # ----------------------------------------------------------------------------- Core ML-facing module
