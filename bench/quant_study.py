@@ -77,7 +77,7 @@ def main() -> None:
         for mname in args.methods.split(","):
             method = methods[mname]
             opts = TargetOptions(bits=args.bits, max_seq_len=args.max_seq_len, method=method or QuantMethod(),
-                                 embedding_bits=args.embedding_bits)
+                                 embedding_bits=args.embedding_bits, layer_bits=() if args.overrides else None)
             t0 = time.time()
             scheme = module.quant_scheme(opts)
             if args.overrides:
@@ -88,9 +88,9 @@ def main() -> None:
                     like = scheme.output if pattern == "output.weight" else scheme.linear
                     wq = dataclasses.replace(like, bits=int(bits), group_size=None if int(bits) == 8 else like.group_size)
                     if pattern == "output.weight":
-                        extra.append((pattern, wq))
+                        scheme = dataclasses.replace(scheme, output=wq)
                     else:
-                        extra += [(f"blocks.{b}.{pattern}.weight", wq) for b in range(ckpt.config.n_layers)]
+                        extra.append((pattern, wq))
                 scheme = dataclasses.replace(scheme, overrides=tuple(extra))
             if args.no_act:
                 scheme = dataclasses.replace(scheme, linear=dataclasses.replace(scheme.linear, act_block=None),

@@ -65,7 +65,7 @@ def export(
         None, "--quant-method", help="How int codes are chosen: gptq (searched clipping + GPTQ rounding on the shipped calibration text), "
         "mse (searched clipping, round to nearest) or rtn (symmetric max|w|/qmax, round to nearest). Default: gptq."),
     zero_points: Optional[bool] = typer.Option(None, "--zero-points/--no-zero-points", help="Store a zero point per group where the format can (Core ML, ONNX). Default: the method's (gptq: no, mse: yes)."),
-    layer_bits: Optional[list[str]] = typer.Option(None, "--layer-bits", help="Mixed precision: ROLE=BITS for every block's ROLE linear (wqkv, wo, w13, w2; unfused: wq wk wv w1 w3), repeatable; 'none' for uniform. Default: the target's (README)."),
+    layer_bits: Optional[list[str]] = typer.Option(None, "--layer-bits", help="Mixed precision: ROLE=BITS for every block's ROLE linear (wqkv, wo, w13, w2; unfused: wq wk wv w1 w3), ROLE@q4km=BITS for the blocks llama.cpp's Q4_K_M gives more bits; repeatable; 'none' for uniform. Default: the target's (README)."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep Q/K/V and gate/up projections separate (debugging)."),
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity run after export."),
     threshold: Optional[list[str]] = typer.Option(
@@ -111,8 +111,9 @@ def parse_layer_bits(items: list[str] | None) -> dict[str, int] | None:
     roles = ("wqkv", "wo", "w13", "w2", "wq", "wk", "wv", "w1", "w3")
     for item in items:
         role, _, bits = item.partition("=")
-        if role not in roles or bits not in ("4", "8", "16"):
-            raise UserError(f"--layer-bits {item!r}: expected ROLE=BITS with ROLE one of {', '.join(roles)} and BITS 4, 8 or 16, e.g. w2=8")
+        if role.removesuffix("@q4km") not in roles or bits not in ("4", "8", "16"):
+            raise UserError(f"--layer-bits {item!r}: expected ROLE=BITS with ROLE one of {', '.join(roles)} (or ROLE@q4km: "
+                            "only the blocks llama.cpp's Q4_K_M gives more bits) and BITS 4, 8 or 16, e.g. w2=8")
         out[role] = int(bits)
     return out
 

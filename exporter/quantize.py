@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal
 
 import torch
@@ -327,25 +327,33 @@ class QuantScheme:
     # Whether a shared embedding's output projection is stored as its own tensor (rounded by
     # `output`), or the projection reads the embedding's stored tensor (one copy).
     separate_output: bool = False
-    # Mixed precision: (block linear role, e.g. "w2", its WeightQuant) for every stored block.
+    # Mixed precision: (selector, WeightQuant). A selector is a block linear's role ("w2": every
+    # block's) or "role@q4km": the blocks llama.cpp's Q4_K_M recipe gives more bits (`more_bits_blocks`).
     overrides: tuple[tuple[str, WeightQuant], ...] = ()
 
     @property
     def int8_dynamic_activations(self) -> bool:
         return self.activations == "int8_per_token"
 
-    def for_weight(self, name: str) -> WeightQuant:
+    def for_weight(self, name: str, n_layers: int) -> WeightQuant:
         """The WeightQuant of a parameter named as in ExportModel (blocks.{i}.{role}.weight, ...)."""
         parts = name.split(".")
         if len(parts) == 4 and parts[0] == "blocks":
-            for role, wq in self.overrides:
-                if role == parts[2]:
+            for selector, wq in self.overrides:
+                role, _, which = selector.partition("@")
+                if role == parts[2] and (not which or int(parts[1]) in more_bits_blocks(n_layers)):
                     return wq
         if name == "tok_embeddings.weight":
             return self.embedding
         if name == "output.weight":
             return self.output
         return self.linear
+
+
+def more_bits_blocks(n_layers: int) -> set[int]:
+    """The blocks llama.cpp's Q4_K_M recipe quantizes with more bits (`use_more_bits` in its
+    quantizer): the first and last eighth, and every third block between."""
+    return {i for i in range(n_layers) if i < n_layers / 8 or i >= 7 * n_layers / 8 or (i - n_layers // 8) % 3 == 2}
 
 
 @dataclass(frozen=True)
@@ -437,6 +445,7 @@ class QuantizedModel:
     scheme: QuantScheme
     weights: dict[str, QuantizedWeight | Tensor]  # Tensor: a float weight (16-bit), already cast
     method: str
+    formats: dict[str, WeightQuant] = field(default_factory=dict)  # each weight's resolved WeightQuant
 
     def __getitem__(self, name: str) -> QuantizedWeight | Tensor:
         return self.weights[name]
@@ -453,9 +462,10 @@ def quantize_model(model: ExportModel, scheme: QuantScheme, calibration: list[Te
     given (the shared embedding, read by a lookup as well as the projection, is rounded to nearest)."""
     hessians = collect_hessians(model, calibration) if calibration else {}
     out: dict[str, QuantizedWeight | Tensor] = {}
+    formats: dict[str, WeightQuant] = {}
     names = weight_names(model, scheme)
     for name, tensor in names.items():
-        wq = scheme.for_weight(name)
+        wq = formats[name] = scheme.for_weight(name, model.config.n_layers)
         if wq.bits >= 16:
             out[name] = tensor.detach().to(wq.float_dtype)
             continue
@@ -463,7 +473,7 @@ def quantize_model(model: ExportModel, scheme: QuantScheme, calibration: list[Te
         if name == "output.weight" and model.output is None and not scheme.separate_output:
             hessian = None
         out[name] = wq.quantize(tensor, hessian, act_order)
-    return QuantizedModel(scheme, out, "gptq" if hessians else "round-to-nearest")
+    return QuantizedModel(scheme, out, "gptq" if hessians else "round-to-nearest", formats)
 
 
 # ----------------------------------------------------------------------------- activation rounding
@@ -524,7 +534,7 @@ def fake_quantized_twin(model: ExportModel, quantized: QuantizedModel) -> Export
             if isinstance(child, nn.Linear):
                 key = f"blocks.{b}.{name}.weight"
                 child.weight = nn.Parameter(quantized.dequantized(key), requires_grad=False)
-                setattr(block, name, _with_activation_rounding(child, scheme, scheme.for_weight(key)))
+                setattr(block, name, _with_activation_rounding(child, scheme, quantized.formats[key]))
     emb = nn.Parameter(quantized.dequantized("tok_embeddings.weight"), requires_grad=False)
     twin.tok_embeddings.weight = emb
     if twin.output is not None or scheme.separate_output:

@@ -181,7 +181,7 @@ def _expected_initializers(model: ExportModel, opts: TargetOptions) -> tuple[int
         if p.ndim == 1:
             count, nbytes = count + 1, nbytes + p.numel() * 4
             continue
-        wq = scheme.embedding if name.startswith(("tok_embeddings", "output")) else scheme.for_weight(name)
+        wq = scheme.embedding if name.startswith(("tok_embeddings", "output")) else scheme.for_weight(name, model.config.n_layers)
         n, k = p.shape
         if wq.bits >= 16:
             count, nbytes = count + 1, nbytes + n * k * 2

@@ -129,16 +129,19 @@ def compute_golden(runtimes: dict[str, TargetRuntime], all_tokens: np.ndarray, m
 
 # ------------------------------------------------------------------------------ thresholds
 # (metric, op, value): op ">=" means the measured value must be at least the threshold.
+# Set from the real 135M model (SmolLM2-135M, MobileLLM-125M's shape; README "Parity gate" has the
+# figures): a good 4-bit export measured KL 0.044 / decisive top-1 97.9% / perplexity +1% against the
+# reference and KL 0.004 against its twin; artifacts of a damaged checkpoint (one block scaled, two
+# layers swapped, a wrong rope theta) measured KL >= 0.29 against the reference and >= 0.084 against
+# the twin. Greedy-generation match is reported but not gated: one near-tie flip (which the decisive
+# top-1 ignores) changes every later token, so a good 4-bit export matched its twin for 1 of 16 tokens.
 DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
     16: {"reference.top1_decisive": 1.0, "reference.kl_divergence": 0.002, "reference.ppl_delta": 0.01,
-         "twin.top1_decisive": 1.0, "twin.kl_divergence": 0.002, "twin.min_cosine": 0.999, "twin.ppl_delta": 0.01,
-         "twin.generation_match": 1.0},
+         "twin.top1_decisive": 1.0, "twin.kl_divergence": 0.002, "twin.min_cosine": 0.999, "twin.ppl_delta": 0.01},
     8: {"reference.top1_decisive": 0.97, "reference.kl_divergence": 0.02, "reference.ppl_delta": 0.03,
-        "twin.top1_decisive": 0.99, "twin.kl_divergence": 0.01, "twin.min_cosine": 0.99, "twin.ppl_delta": 0.01,
-        "twin.generation_match": 0.5},
+        "twin.top1_decisive": 0.99, "twin.kl_divergence": 0.01, "twin.min_cosine": 0.99, "twin.ppl_delta": 0.01},
     4: {"reference.top1_decisive": 0.85, "reference.kl_divergence": 0.15, "reference.ppl_delta": 0.15,
-        "twin.top1_decisive": 0.98, "twin.kl_divergence": 0.02, "twin.min_cosine": 0.98, "twin.ppl_delta": 0.02,
-        "twin.generation_match": 0.25},
+        "twin.top1_decisive": 0.98, "twin.kl_divergence": 0.02, "twin.min_cosine": 0.98, "twin.ppl_delta": 0.02},
 }
 # Metrics where smaller is better; every other metric must be at least its threshold.
 _AT_MOST = {"ppl_delta", "max_kl_divergence", "kl_divergence", "max_abs", "mean_abs"}
