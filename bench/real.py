@@ -101,7 +101,7 @@ def export_row(hf_dir: Path, copy: str, target: str, bits: int, method_name: str
 
     name = f"{copy}-{method_name}"
     options = ExportOptions(checkpoint=hf_dir, targets=[target], bits=bits, output=out, name=name,
-                            method=QuantMethod.named(method_name, symmetric=False))
+                            method=QuantMethod.named(method_name))
     t0 = time.time()
     parity_error = None
     try:

@@ -31,8 +31,26 @@ KV_BYTES = {"executorch": 4, "coreml": 2, "onnx": 4}
 PHONES_GB = (6, 12)
 
 
-def embedding_bits(bits: int) -> int:
-    return 16 if bits == 16 else 8
+def embedding_bits(bits: int, target: str = "onnx") -> int:
+    from mobilellm.exporter.targets.executorch import DEFAULT_EMBEDDING_BITS
+
+    return DEFAULT_EMBEDDING_BITS[bits] if target == "executorch" else (16 if bits == 16 else 8)
+
+
+def target_choices(target: str, bits: int) -> list[str]:
+    """The quantization choices each target makes by default, written down (README "Quantization")."""
+    from mobilellm.exporter.targets import load_target
+
+    module = load_target(target)
+    lines = ['quant_method = "gptq"']
+    if target == "executorch":
+        from mobilellm.exporter.targets.executorch import DEFAULT_OUTPUT_BITS
+
+        lines.append(f"output_bits = {DEFAULT_OUTPUT_BITS[bits]}")
+    layer_bits = dict(getattr(module, "DEFAULT_LAYER_BITS", {}).get(bits, ()))
+    if layer_bits:
+        lines.append("layer_bits = { " + ", ".join(f'"{role}" = {b}' for role, b in sorted(layer_bits.items())) + " }")
+    return lines
 
 
 def recipe_text(folder: str, preset_name: str, hub_id: str | None, target: str, bits: int) -> str:
@@ -52,7 +70,8 @@ def recipe_text(folder: str, preset_name: str, hub_id: str | None, target: str, 
         f'target = "{target}"',
         f"bits = {bits}",
         f"group_size = {GROUP_SIZE}",
-        f"embedding_bits = {embedding_bits(bits)}",
+        f"embedding_bits = {embedding_bits(bits, target)}",
+        *target_choices(target, bits),
         f"max_seq_len = {MAX_SEQ_LEN}",
         "fuse = true",
         "",
@@ -69,7 +88,7 @@ def memory_table() -> str:
         cfg = preset(preset_name)
         for target in TARGETS:
             for bits in BITS:
-                est = estimate_memory(cfg, bits, MAX_SEQ_LEN, GROUP_SIZE, embedding_bits(bits), KV_BYTES[target])
+                est = estimate_memory(cfg, bits, MAX_SEQ_LEN, GROUP_SIZE, embedding_bits(bits, target), KV_BYTES[target])
                 weights = est.weight_bytes
                 if target == "executorch":
                     # XNNPACK keeps its own copy of the output projection beside the lookup table.

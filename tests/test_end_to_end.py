@@ -53,8 +53,12 @@ def test_validate_passes_on_a_correct_bundle(bundles: dict[str, Path], target: s
 
 def test_validate_against_another_checkpoint_fails(bundles: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     ckpt = load_checkpoint(DEFAULT_MODEL_DIR)
+    # Another checkpoint: every block's down projection doubled (+7.5% perplexity on this model). One
+    # block's alone moves this small model's outputs less than 4-bit rounding does (KL 0.0035, +0.7%),
+    # below the lowering allowance calibrated on a real model (README "The gate").
     with torch.no_grad():
-        ckpt.model.layers[3].mlp.down_proj.weight.mul_(2.0)  # one block scaled: another checkpoint
+        for layer in ckpt.model.layers:
+            layer.mlp.down_proj.weight.mul_(2.0)
     other = save_checkpoint(ckpt.model, tmp_path / "other", tokenizer=ckpt.tokenizer_path)
     code, out, err = run_cli(["validate", str(bundles["executorch"]), "--checkpoint", str(other), "--report-dir", str(tmp_path)], capsys)
     assert code == 1

@@ -107,8 +107,10 @@ def test_our_codes_become_torchaos_tensor_unchanged():
 def test_quant_scheme_describes_the_runtime():
     s4 = et.quant_scheme(TargetOptions(bits=4, group_size=64))
     assert (s4.linear.bits, s4.linear.group_size, s4.linear.scale_dtype) == (4, 64, torch.bfloat16)
-    assert s4.int8_dynamic_activations and s4.output == s4.linear
-    assert (s4.embedding.bits, s4.embedding.group_size) == (8, None)
+    # At 4 bits the table's bytes go to the output projection (int8) and the lookup table is int4.
+    assert s4.int8_dynamic_activations and (s4.output.bits, s4.output.group_size) == (8, None)
+    assert (s4.embedding.bits, s4.embedding.group_size) == (4, 64)
+    assert not (s4.linear.negative_scales or s4.output.negative_scales or s4.linear.zero_points)  # XNNPACK's limits
     s8 = et.quant_scheme(TargetOptions(bits=8))
     assert (s8.linear.bits, s8.linear.group_size, s8.linear.scale_dtype) == (8, None, torch.float32)
     s16 = et.quant_scheme(TargetOptions(bits=16))
