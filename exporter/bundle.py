@@ -22,7 +22,7 @@ from .errors import UserError
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_SCHEMA = Path(__file__).resolve().parent / "schemas" / "manifest.schema.json"
-_VERSIONED_PACKAGES = ("mobilellm-export", "torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime", "onnxscript")
+_VERSIONED_PACKAGES = ("mobilellm-export", "torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime")
 
 
 def sha256_file(path: Path) -> str:

@@ -201,7 +201,7 @@ def _quiet_library_logs() -> None:
     for name in ("torchao", "torch.utils._pytree", "coremltools"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # Deprecation and tracing chatter from the lowering libraries, issued by their own modules.
-    warnings.filterwarnings("ignore", module=r"(torch|torchao|executorch|coremltools|onnx|onnxscript)(\.|$)")
+    warnings.filterwarnings("ignore", module=r"(torch|torchao|executorch|coremltools|onnx)(\.|$)")
     # torch.export pickles pytree specs; its deprecation warning is attributed to the stdlib copyreg.
     warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
 
