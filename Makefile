@@ -10,6 +10,7 @@ export: $(STAMP)
 	$(BIN)/mobilellm-export --target all --bits 4 --output dist/
 
 test: $(STAMP)
+	$(BIN)/ruff format --check --quiet . && $(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=15
 
 bench: $(STAMP)

@@ -54,11 +54,7 @@ def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     llama.cpp (LLM_ARCH_LLAMA, "normal" RoPE) rotates adjacent pairs (2i, 2i+1).
     """
     rows = w.shape[0]
-    return (
-        w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _load_tokenizer_vocab(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int], list[str], dict[str, Any]]:
@@ -381,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.llamacpp_peer", description=main.__doc__)
     ap.add_argument("hf_dir", type=Path)
     ap.add_argument("--out", type=Path, required=True, help="output directory for the GGUF files")
-    ap.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[1] / "exporter" / "assets" / "heldout.txt")
+    ap.add_argument(
+        "--text", type=Path, default=Path(__file__).resolve().parents[1] / "exporter" / "assets" / "heldout.txt"
+    )
     ap.add_argument("--ctx", type=int, default=512, help="window length in tokens, BOS included")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -391,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = json.loads((args.hf_dir / "config.json").read_text(encoding="utf-8"))
     bos = None if args.no_bos else cfg.get("bos_token_id")
-    windows = heldout_windows(args.hf_dir / "tokenizer.json", args.text.read_text(encoding="utf-8"), args.ctx, args.windows, bos)
+    windows = heldout_windows(
+        args.hf_dir / "tokenizer.json", args.text.read_text(encoding="utf-8"), args.ctx, args.windows, bos
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -410,11 +410,22 @@ def main(argv: list[str] | None = None) -> int:
         ppl = llamacpp_perplexity(path, windows, n_threads=args.threads)
         types = gguf_tensor_type_counts(path)
         size = path.stat().st_size
-        rows.append({"kind": kind, "path": str(path), "bytes": size, "ppl": ppl, "tensor_types": types,
-                     "token_embd": gguf_tensor_types(path)["token_embd.weight"], "seconds": time.perf_counter() - t0})
+        rows.append(
+            {
+                "kind": kind,
+                "path": str(path),
+                "bytes": size,
+                "ppl": ppl,
+                "tensor_types": types,
+                "token_embd": gguf_tensor_types(path)["token_embd.weight"],
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         print(f"{kind:8} {size:12d} {size / 2**20:8.2f} {ppl:10.4f}  {types}")
     if args.json:
-        args.json.write_text(json.dumps({"hf_dir": str(args.hf_dir), "windows": [len(w) for w in windows], "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"hf_dir": str(args.hf_dir), "windows": [len(w) for w in windows], "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -42,12 +42,23 @@ _PATH_TRIGGERS = ("int8", "8da4w")
 def et_state_dict(ckpt: Checkpoint) -> dict[str, Tensor]:
     """Our reference weights under ET's llama names (fp32; ET quantizes from the checkpoint dtype)."""
     sd = {k: v.detach().float().contiguous() for k, v in ckpt.model.state_dict().items() if not k.startswith("rope_")}
-    out = {"tok_embeddings.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"],
-           # ET's llama has no weight tying: the output projection is a second copy of the table.
-           "output.weight": ckpt.model.output_weight().detach().float().clone()}
-    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    out = {
+        "tok_embeddings.weight": sd["embed_tokens.weight"],
+        "norm.weight": sd["norm.weight"],
+        # ET's llama has no weight tying: the output projection is a second copy of the table.
+        "output.weight": ckpt.model.output_weight().detach().float().clone(),
+    }
+    names = {
+        "self_attn.q_proj": "attention.wq",
+        "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv",
+        "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1",
+        "mlp.down_proj": "feed_forward.w2",
+        "mlp.up_proj": "feed_forward.w3",
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     for i in range(ckpt.config.n_layers):
         for ours, theirs in names.items():
             out[f"layers.{i}.{theirs}.weight"] = sd[f"layers.{i}.{ours}.weight"]
@@ -56,15 +67,26 @@ def et_state_dict(ckpt: Checkpoint) -> dict[str, Tensor]:
 
 def et_params(ckpt: Checkpoint) -> dict[str, Any]:
     cfg = ckpt.config
-    return {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-            "vocab_size": cfg.vocab_size, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-            "hidden_dim": cfg.ffn_dim,  # explicit: ET would otherwise derive it from dim / multiple_of
-            "use_hf_rope": True,  # HF rotate-half on HF-layout q/k weights
-            "use_scaled_rope": False, "bos_idx": cfg.bos_id, "eos_idx": cfg.eos_id}
+    return {
+        "dim": cfg.dim,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "hidden_dim": cfg.ffn_dim,  # explicit: ET would otherwise derive it from dim / multiple_of
+        "use_hf_rope": True,  # HF rotate-half on HF-layout q/k weights
+        "use_scaled_rope": False,
+        "bos_idx": cfg.bos_id,
+        "eos_idx": cfg.eos_id,
+    }
 
 
 @torch.no_grad()
-def check_eager_parity(ckpt: Checkpoint, state: dict[str, Tensor], params: dict[str, Any], n_tokens: int = 12) -> dict[str, float]:
+def check_eager_parity(
+    ckpt: Checkpoint, state: dict[str, Tensor], params: dict[str, Any], n_tokens: int = 12
+) -> dict[str, float]:
     """Max |logit difference| of ET's eager transformer vs our reference: whole sequence without a
     cache, then prefill + 3 decode steps through ET's KV cache (exercises input_pos in the RoPE)."""
     from executorch.examples.models.llama.llama_transformer import construct_transformer
@@ -75,8 +97,14 @@ def check_eager_parity(ckpt: Checkpoint, state: dict[str, Tensor], params: dict[
     result: dict[str, float] = {}
     for kv in (False, True):
         # enable_dynamic_shape: input_pos is the start position [1], as in the exported program
-        args = ModelArgs(**params, max_seq_len=64, max_context_len=64, use_kv_cache=kv, enable_dynamic_shape=kv,
-                         generate_full_logits=not kv)
+        args = ModelArgs(
+            **params,
+            max_seq_len=64,
+            max_context_len=64,
+            use_kv_cache=kv,
+            enable_dynamic_shape=kv,
+            generate_full_logits=not kv,
+        )
         model = construct_transformer(args).eval()
         missing, _ = model.load_state_dict(state, strict=False)
         if [k for k in missing if k.endswith(".weight")]:
@@ -95,8 +123,20 @@ def check_eager_parity(ckpt: Checkpoint, state: dict[str, Tensor], params: dict[
 # ----------------------------------------------------------------------------- export
 def export_flags(bits: int, group_size: int, embedding_bits: int, max_seq_len: int) -> list[str]:
     """ET's documented XNNPACK Llama recipe (examples/models/llama README, Llama 3.2 on XNNPACK)."""
-    flags = ["--model", "llama3", "-kv", "--use_sdpa_with_kv_cache", "-X", "--xnnpack-extended-ops", "-d", "fp32",
-             "--max_seq_length", str(max_seq_len), "--max_context_length", str(max_seq_len)]
+    flags = [
+        "--model",
+        "llama3",
+        "-kv",
+        "--use_sdpa_with_kv_cache",
+        "-X",
+        "--xnnpack-extended-ops",
+        "-d",
+        "fp32",
+        "--max_seq_length",
+        str(max_seq_len),
+        "--max_context_length",
+        str(max_seq_len),
+    ]
     # dynamic prefill length is export_llama's default (--disable_dynamic_shape turns it off)
     if bits == 4:
         flags += ["-qmode", "8da4w", "--group_size", str(group_size)]
@@ -116,18 +156,23 @@ def export_flags(bits: int, group_size: int, embedding_bits: int, max_seq_len: i
     return flags
 
 
-def export_executorch_llama_peer(checkpoint: Path, out_dir: Path, bits: int, group_size: int = 32,
-                                 embedding_bits: int = 8, max_seq_len: int = 512) -> Path:
+def export_executorch_llama_peer(
+    checkpoint: Path, out_dir: Path, bits: int, group_size: int = 32, embedding_bits: int = 8, max_seq_len: int = 512
+) -> Path:
     """Convert `checkpoint` to ET's llama format, check ET's eager model against our reference,
     run ET's exporter in a subprocess; returns the .pte path."""
     ckpt = load_checkpoint(checkpoint)
     if ckpt.config.sharing != "none":
-        raise UserError(f"{checkpoint}: layer sharing ({ckpt.config.sharing}) has no equivalent in ExecuTorch's llama; "
-                        "the peer export supports only layer_sharing=false checkpoints")
+        raise UserError(
+            f"{checkpoint}: layer sharing ({ckpt.config.sharing}) has no equivalent in ExecuTorch's llama; "
+            "the peer export supports only layer_sharing=false checkpoints"
+        )
     out_dir = Path(out_dir).resolve()
     if any(t in str(out_dir) for t in _PATH_TRIGGERS):
-        raise UserError(f"{out_dir}: ET's llama loader treats a checkpoint path containing {' or '.join(_PATH_TRIGGERS)} "
-                        "as pre-quantized; pick another output dir")
+        raise UserError(
+            f"{out_dir}: ET's llama loader treats a checkpoint path containing {' or '.join(_PATH_TRIGGERS)} "
+            "as pre-quantized; pick another output dir"
+        )
     flags = export_flags(bits, group_size, embedding_bits, max_seq_len)  # bad bits fail before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     state, params = et_state_dict(ckpt), et_params(ckpt)
@@ -139,9 +184,22 @@ def export_executorch_llama_peer(checkpoint: Path, out_dir: Path, bits: int, gro
     del ckpt, state  # the exporter subprocess needs the memory more than we do
 
     metadata = json.dumps({"get_bos_id": params["bos_idx"], "get_eos_ids": [params["eos_idx"]]})
-    cmd = [sys.executable, "-m", "executorch.examples.models.llama.export_llama", "--checkpoint", str(out_dir / CKPT_NAME),
-           "--params", str(out_dir / "params.json"), *flags, "--metadata", metadata,
-           "--output-dir", str(out_dir), "--output_name", PTE_NAME]
+    cmd = [
+        sys.executable,
+        "-m",
+        "executorch.examples.models.llama.export_llama",
+        "--checkpoint",
+        str(out_dir / CKPT_NAME),
+        "--params",
+        str(out_dir / "params.json"),
+        *flags,
+        "--metadata",
+        metadata,
+        "--output-dir",
+        str(out_dir),
+        "--output_name",
+        PTE_NAME,
+    ]
     t0 = time.perf_counter()
     with open(out_dir / "export.log", "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=out_dir).returncode
@@ -149,9 +207,21 @@ def export_executorch_llama_peer(checkpoint: Path, out_dir: Path, bits: int, gro
     pte = out_dir / PTE_NAME
     if rc != 0 or not pte.is_file():
         raise UserError(f"ExecuTorch's export_llama failed (exit {rc}); see {out_dir / 'export.log'}")
-    (out_dir / SIDECAR).write_text(json.dumps({"bits": bits, "group_size": group_size, "embedding_bits": embedding_bits,
-                                               "max_seq_len": max_seq_len, "export_s": export_s, "eager_parity": parity,
-                                               "command": cmd}, indent=2) + "\n")
+    (out_dir / SIDECAR).write_text(
+        json.dumps(
+            {
+                "bits": bits,
+                "group_size": group_size,
+                "embedding_bits": embedding_bits,
+                "max_seq_len": max_seq_len,
+                "export_s": export_s,
+                "eager_parity": parity,
+                "command": cmd,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return pte
 
 
@@ -187,9 +257,19 @@ def measure_pte(pte: Path, vocab_size: int, threads: int, prompt_tokens: int, de
     prompt = bench_prompt(vocab_size, min(prompt_tokens, max_context - decode_tokens - 1))
     time_decode(runtime, prompt[:8], 2)  # warm-up, as measure_bundle
     timing = time_decode(runtime, prompt, decode_tokens)
-    return {"bundle": pte.parent.name, "target": TARGET, "bits": side.get("bits"), "threads": threads, "load_s": load_s,
-            **timing, "peak_rss_bytes": peak_rss(), "rss_over_baseline_bytes": peak_rss() - base_rss,
-            "artifact_bytes": pte.stat().st_size, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens}
+    return {
+        "bundle": pte.parent.name,
+        "target": TARGET,
+        "bits": side.get("bits"),
+        "threads": threads,
+        "load_s": load_s,
+        **timing,
+        "peak_rss_bytes": peak_rss(),
+        "rss_over_baseline_bytes": peak_rss() - base_rss,
+        "artifact_bytes": pte.stat().st_size,
+        "prompt_tokens": len(prompt),
+        "decode_tokens": decode_tokens,
+    }
 
 
 @torch.no_grad()
@@ -201,23 +281,46 @@ def compare_pte_logits(pte: Path, checkpoint: Path, n_tokens: int = 24, decode: 
     prompt = bench_prompt(ckpt.config.vocab_size, n_tokens)
     seq = torch.tensor(prompt.tolist() + ckpt.model.generate(prompt.tolist(), decode))[None]
     ref = ckpt.model(seq)[0].numpy()
-    got = [runtime.forward_last(prompt, 0)[-1]] + [runtime.forward_last(seq[0, p : p + 1].numpy(), p)[-1] for p in range(n_tokens, seq.shape[1] - 1)]
+    got = [runtime.forward_last(prompt, 0)[-1]] + [
+        runtime.forward_last(seq[0, p : p + 1].numpy(), p)[-1] for p in range(n_tokens, seq.shape[1] - 1)
+    ]
     ref_rows = ref[n_tokens - 1 : seq.shape[1] - 1]
     got_arr = np.stack(got)
-    return {"positions": len(got), "max_abs": float(np.abs(got_arr - ref_rows).max()),
-            "top1_agreement": float((got_arr.argmax(-1) == ref_rows.argmax(-1)).mean())}
+    return {
+        "positions": len(got),
+        "max_abs": float(np.abs(got_arr - ref_rows).max()),
+        "top1_agreement": float((got_arr.argmax(-1) == ref_rows.argmax(-1)).mean()),
+    }
 
 
 # ----------------------------------------------------------------------------- CLI
-def measure_pte_subprocess(checkpoint: Path, out: Path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
+def measure_pte_subprocess(
+    checkpoint: Path, out: Path, threads: int, prompt_tokens: int, decode_tokens: int
+) -> dict[str, Any]:
     """measure_pte of OUT/model.pte in a fresh process (clean RSS baseline), as bench.speed times our bundles."""
-    return run_fresh_process("bench.peers", ["--checkpoint", str(checkpoint), "--out", str(out), "--measure-only", "--threads",
-                                             str(threads), "--prompt-tokens", str(prompt_tokens), "--decode-tokens",
-                                             str(decode_tokens)], pythonpath=[REPO_ROOT])
+    return run_fresh_process(
+        "bench.peers",
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--measure-only",
+            "--threads",
+            str(threads),
+            "--prompt-tokens",
+            str(prompt_tokens),
+            "--decode-tokens",
+            str(decode_tokens),
+        ],
+        pythonpath=[REPO_ROOT],
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Export a MobileLLM checkpoint with ExecuTorch's own Llama exporter (benchmark peer)")
+    ap = argparse.ArgumentParser(
+        description="Export a MobileLLM checkpoint with ExecuTorch's own Llama exporter (benchmark peer)"
+    )
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True, help="output dir (the .pte is OUT/model.pte)")
     ap.add_argument("--bits", type=int, default=4)
@@ -227,7 +330,9 @@ def main() -> None:
     ap.add_argument("--measure", action="store_true", help="benchmark the .pte (in a fresh process)")
     ap.add_argument("--check", action="store_true", help="compare the .pte's logits with the reference")
     ap.add_argument("--skip-export", action="store_true", help="reuse OUT/model.pte")
-    ap.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)  # the fresh-process half of --measure
+    ap.add_argument(
+        "--measure-only", action="store_true", help=argparse.SUPPRESS
+    )  # the fresh-process half of --measure
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -236,11 +341,18 @@ def main() -> None:
     if a.measure_only:
         print(json.dumps(measure_pte(a.out / PTE_NAME, vocab, a.threads, a.prompt_tokens, a.decode_tokens)))
         return
-    pte = a.out / PTE_NAME if a.skip_export else export_executorch_llama_peer(
-        a.checkpoint, a.out, a.bits, a.group_size, a.embedding_bits, a.max_seq_len)
+    pte = (
+        a.out / PTE_NAME
+        if a.skip_export
+        else export_executorch_llama_peer(a.checkpoint, a.out, a.bits, a.group_size, a.embedding_bits, a.max_seq_len)
+    )
     side = json.loads((pte.parent / SIDECAR).read_text()) if (pte.parent / SIDECAR).is_file() else {}
-    row: dict[str, Any] = {"pte": str(pte), "artifact_bytes": pte.stat().st_size, "export_s": side.get("export_s"),
-                           "eager_parity": side.get("eager_parity")}
+    row: dict[str, Any] = {
+        "pte": str(pte),
+        "artifact_bytes": pte.stat().st_size,
+        "export_s": side.get("export_s"),
+        "eager_parity": side.get("eager_parity"),
+    }
     if a.check:
         row["pte_vs_reference"] = compare_pte_logits(pte, a.checkpoint)
     if a.measure:

@@ -17,7 +17,7 @@ import torch
 from mobilellm.exporter.assets import calibration_text, heldout_text
 from mobilellm.exporter.checkpoint import load_checkpoint
 from mobilellm.exporter.export_model import ExportModel, ExportSettings
-from mobilellm.exporter.quantize import QuantMethod, QuantScheme, fake_quantized_twin, quantize_model
+from mobilellm.exporter.quantize import QuantMethod, fake_quantized_twin, quantize_model
 from mobilellm.exporter.tokenizer import load_tokenizer
 
 
@@ -46,7 +46,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--methods", default="rtn-sym,rtn-mse,rtn-mse-asym,gptq-mse-asym")
     ap.add_argument("--max-seq-len", type=int, default=512)
-    ap.add_argument("--no-act", action="store_true", help="drop activation rounding from the scheme (ONNX accuracy_level 0)")
+    ap.add_argument(
+        "--no-act", action="store_true", help="drop activation rounding from the scheme (ONNX accuracy_level 0)"
+    )
     ap.add_argument("--overrides", default="", help="name=bits,... mixed precision, e.g. output.weight=8")
     ap.add_argument("--calib-windows", type=int, default=4)
     ap.add_argument("--embedding-bits", type=int, default=None)
@@ -76,29 +78,43 @@ def main() -> None:
         module = load_target(target)
         for mname in args.methods.split(","):
             method = methods[mname]
-            opts = TargetOptions(bits=args.bits, max_seq_len=args.max_seq_len, method=method or QuantMethod(),
-                                 embedding_bits=args.embedding_bits, layer_bits=() if args.overrides else None)
+            opts = TargetOptions(
+                bits=args.bits,
+                max_seq_len=args.max_seq_len,
+                method=method or QuantMethod(),
+                embedding_bits=args.embedding_bits,
+                layer_bits=() if args.overrides else None,
+            )
             t0 = time.time()
             scheme = module.quant_scheme(opts)
             if args.overrides:
-                from mobilellm.exporter.quantize import WeightQuant
                 extra = []
                 for item in args.overrides.split(","):
                     pattern, bits = item.split("=")
                     like = scheme.output if pattern == "output.weight" else scheme.linear
-                    wq = dataclasses.replace(like, bits=int(bits), group_size=None if int(bits) == 8 else like.group_size)
+                    wq = dataclasses.replace(
+                        like, bits=int(bits), group_size=None if int(bits) == 8 else like.group_size
+                    )
                     if pattern == "output.weight":
                         scheme = dataclasses.replace(scheme, output=wq)
                     else:
                         extra.append((pattern, wq))
                 scheme = dataclasses.replace(scheme, overrides=tuple(extra))
             if args.no_act:
-                scheme = dataclasses.replace(scheme, linear=dataclasses.replace(scheme.linear, act_block=None),
-                                             output=dataclasses.replace(scheme.output, act_block=None))
-            q = quantize_model(model, scheme, calib if method is not None and method.gptq else None, bool(method and method.act_order))
+                scheme = dataclasses.replace(
+                    scheme,
+                    linear=dataclasses.replace(scheme.linear, act_block=None),
+                    output=dataclasses.replace(scheme.output, act_block=None),
+                )
+            q = quantize_model(
+                model, scheme, calib if method is not None and method.gptq else None, bool(method and method.act_order)
+            )
             twin = fake_quantized_twin(model, q)
             ppl = perplexity(twin, evals)
-            print(f"{target:<10} {args.bits}-bit {mname:<14} ppl {ppl:.4f}  delta {100 * (ppl / base - 1):+.2f}%  ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"{target:<10} {args.bits}-bit {mname:<14} ppl {ppl:.4f}  delta {100 * (ppl / base - 1):+.2f}%  ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,8 @@ def cpu_features() -> str:
 
 
 def eval_windows(hf_dir: Path) -> list[list[int]]:
-    from mobilellm.exporter.assets import heldout_text
-
     from bench.llamacpp_peer import heldout_windows
+    from mobilellm.exporter.assets import heldout_text
 
     bos = json.loads((hf_dir / "config.json").read_text())["bos_token_id"]
     return heldout_windows(hf_dir / "tokenizer.json", heldout_text(), EVAL_LENGTH, EVAL_WINDOWS, bos)
@@ -78,30 +77,54 @@ def llamacpp_rows(hf_dir: Path, work: Path, windows: list[list[int]], base_ppl: 
     f32 = work / "f32.gguf"
     if not f32.is_file():
         write_gguf_from_hf(hf_dir, f32)
-    rows = [{"runtime": "llama.cpp", "method": "F32", "bits": 32, "bytes": f32.stat().st_size,
-             "ppl": llamacpp_perplexity(f32, windows)}]
+    rows = [
+        {
+            "runtime": "llama.cpp",
+            "method": "F32",
+            "bits": 32,
+            "bytes": f32.stat().st_size,
+            "ppl": llamacpp_perplexity(f32, windows),
+        }
+    ]
     for kind, bits in (("Q8_0", 8), ("Q4_K_M", 4), ("Q4_0", 4)):
         out = work / f"{kind}.gguf"
         if not out.is_file():
             quantize_gguf(f32, out, kind)
-        rows.append({"runtime": "llama.cpp", "method": kind, "bits": bits, "bytes": out.stat().st_size,
-                     "ppl": llamacpp_perplexity(out, windows), "tensor_types": gguf_tensor_type_counts(out)})
+        rows.append(
+            {
+                "runtime": "llama.cpp",
+                "method": kind,
+                "bits": bits,
+                "bytes": out.stat().st_size,
+                "ppl": llamacpp_perplexity(out, windows),
+                "tensor_types": gguf_tensor_type_counts(out),
+            }
+        )
     for row in rows:
         row["ppl_delta"] = row["ppl"] / base_ppl - 1
     return rows
 
 
-def export_row(hf_dir: Path, copy: str, target: str, bits: int, method_name: str, out: Path, windows: list[list[int]],
-               base_ppl: float) -> dict[str, Any]:
+def export_row(
+    hf_dir: Path,
+    copy: str,
+    target: str,
+    bits: int,
+    method_name: str,
+    out: Path,
+    windows: list[list[int]],
+    base_ppl: float,
+) -> dict[str, Any]:
     from mobilellm.exporter.bundle import artifact_bytes, read_manifest
-    from mobilellm.exporter.quantize import QuantMethod
     from mobilellm.exporter.errors import ParityError
     from mobilellm.exporter.pipeline import ExportOptions, run_export
+    from mobilellm.exporter.quantize import QuantMethod
     from mobilellm.exporter.targets import load_target
 
     name = f"{copy}-{method_name}"
-    options = ExportOptions(checkpoint=hf_dir, targets=[target], bits=bits, output=out, name=name,
-                            method=QuantMethod.named(method_name))
+    options = ExportOptions(
+        checkpoint=hf_dir, targets=[target], bits=bits, output=out, name=name, method=QuantMethod.named(method_name)
+    )
     t0 = time.time()
     parity_error = None
     try:
@@ -115,24 +138,38 @@ def export_row(hf_dir: Path, copy: str, target: str, bits: int, method_name: str
     ppl = runtime_perplexity(runtime, windows)
     parity = manifest["parity"] or {}
     return {
-        "runtime": f"ours {target}", "method": method_name, "bits": bits,
+        "runtime": f"ours {target}",
+        "method": method_name,
+        "bits": bits,
         "bytes": artifact_bytes(manifest["files"], manifest["artifact"]),
-        "ppl": ppl, "ppl_delta": ppl / base_ppl - 1, "export_seconds": round(seconds, 1),
-        "parity": "PASS" if parity.get("passed") else "FAIL", "parity_failures": parity.get("failures", []) if parity_error else [],
+        "ppl": ppl,
+        "ppl_delta": ppl / base_ppl - 1,
+        "export_seconds": round(seconds, 1),
+        "parity": "PASS" if parity.get("passed") else "FAIL",
+        "parity_failures": parity.get("failures", []) if parity_error else [],
         "parity_ppl_delta": parity.get("ppl_delta_vs_reference"),
     }
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"# Real-model bench (SmolLM2-135M, MobileLLM-125M's shape)", "",
-             f"CPU: {results['cpu']}. Perplexity: {EVAL_WINDOWS} x {EVAL_LENGTH} tokens of held-out text, same token ids for every runtime.", ""]
+    lines = [
+        "# Real-model bench (SmolLM2-135M, MobileLLM-125M's shape)",
+        "",
+        f"CPU: {results['cpu']}. Perplexity: {EVAL_WINDOWS} x {EVAL_LENGTH} tokens of held-out text, same token ids for every runtime.",
+        "",
+    ]
     for copy, block in results["copies"].items():
-        lines += [f"## {copy} copy (fp32 perplexity {block['fp32_ppl']:.3f})", "",
-                  "| runtime | method | bits | bytes | MB | perplexity | delta vs fp32 | parity | export s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {copy} copy (fp32 perplexity {block['fp32_ppl']:.3f})",
+            "",
+            "| runtime | method | bits | bytes | MB | perplexity | delta vs fp32 | parity | export s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in block["rows"]:
-            lines.append(f"| {r['runtime']} | {r['method']} | {r['bits']} | {r['bytes']:,} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.3f} "
-                         f"| {r['ppl_delta'] * 100:+.2f}% | {r.get('parity', '-')} | {r.get('export_seconds', '-')} |")
+            lines.append(
+                f"| {r['runtime']} | {r['method']} | {r['bits']} | {r['bytes']:,} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.3f} "
+                f"| {r['ppl_delta'] * 100:+.2f}% | {r.get('parity', '-')} | {r.get('export_seconds', '-')} |"
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -166,14 +203,20 @@ def main(argv: list[str] | None = None) -> None:
             work.mkdir(parents=True, exist_ok=True)
             for row in llamacpp_rows(hf_dir, work, windows, base):
                 block["rows"].append(row)
-                print(f"[{copy}] llama.cpp {row['method']}: {row['ppl']:.4f} ({row['ppl_delta'] * 100:+.2f}%), {row['bytes']:,} B", flush=True)
+                print(
+                    f"[{copy}] llama.cpp {row['method']}: {row['ppl']:.4f} ({row['ppl_delta'] * 100:+.2f}%), {row['bytes']:,} B",
+                    flush=True,
+                )
         for target in args.targets.split(","):
             for bits in (int(b) for b in args.bits.split(",")):
                 for method in args.methods.split(","):
                     row = export_row(hf_dir, copy, target, bits, method, args.output / "real-bundles", windows, base)
                     block["rows"].append(row)
-                    print(f"[{copy}] {target} {bits}-bit {method}: {row['ppl']:.4f} ({row['ppl_delta'] * 100:+.2f}%), "
-                          f"{row['bytes']:,} B, parity {row['parity']}, {row['export_seconds']} s", flush=True)
+                    print(
+                        f"[{copy}] {target} {bits}-bit {method}: {row['ppl']:.4f} ({row['ppl_delta'] * 100:+.2f}%), "
+                        f"{row['bytes']:,} B, parity {row['parity']}, {row['export_seconds']} s",
+                        flush=True,
+                    )
                     out_json.write_text(json.dumps(results, indent=2) + "\n")
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     (args.output / "real.md").write_text(markdown(results))

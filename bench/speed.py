@@ -18,14 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from mobilellm.exporter.bundle import artifact_bytes
-from mobilellm.exporter.measure import (bench_bundle_subprocess, bench_prompt, current_rss, measure_bundle, peak_rss,
-                                        run_fresh_process, time_decode)
+from mobilellm.exporter.measure import (
+    bench_bundle_subprocess,
+    bench_prompt,
+    current_rss,
+    measure_bundle,
+    peak_rss,
+    run_fresh_process,
+    time_decode,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 
 
-def measure_eager(checkpoint: Path, threads: int, prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512) -> dict[str, Any]:
+def measure_eager(
+    checkpoint: Path, threads: int, prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512
+) -> dict[str, Any]:
     """The PyTorch eager reference (fp32, dynamic KV state) on the same machine."""
     import torch
 
@@ -42,21 +51,47 @@ def measure_eager(checkpoint: Path, threads: int, prompt_tokens: int, decode_tok
     time_decode(runtime, prompt[:8], 2)
     timing = time_decode(runtime, prompt, decode_tokens)
     weights = sum(p.numel() * p.element_size() for p in ckpt.model.parameters())
-    return {"bundle": "pytorch-eager-fp32", "target": "pytorch", "bits": 32, "threads": threads, "load_s": load_s, **timing,
-            "peak_rss_bytes": peak_rss(), "rss_over_baseline_bytes": peak_rss() - base_rss, "artifact_bytes": weights,
-            "prompt_tokens": len(prompt), "decode_tokens": decode_tokens}
+    return {
+        "bundle": "pytorch-eager-fp32",
+        "target": "pytorch",
+        "bits": 32,
+        "threads": threads,
+        "load_s": load_s,
+        **timing,
+        "peak_rss_bytes": peak_rss(),
+        "rss_over_baseline_bytes": peak_rss() - base_rss,
+        "artifact_bytes": weights,
+        "prompt_tokens": len(prompt),
+        "decode_tokens": decode_tokens,
+    }
 
 
-def bench_eager_subprocess(checkpoint: Path, threads: int = 2, prompt_tokens: int = 128, decode_tokens: int = 64) -> dict[str, Any]:
-    return run_fresh_process("bench.speed", ["--eager", str(checkpoint), "--threads", str(threads), "--prompt-tokens",
-                                             str(prompt_tokens), "--decode-tokens", str(decode_tokens)], pythonpath=[REPO_ROOT])
+def bench_eager_subprocess(
+    checkpoint: Path, threads: int = 2, prompt_tokens: int = 128, decode_tokens: int = 64
+) -> dict[str, Any]:
+    return run_fresh_process(
+        "bench.speed",
+        [
+            "--eager",
+            str(checkpoint),
+            "--threads",
+            str(threads),
+            "--prompt-tokens",
+            str(prompt_tokens),
+            "--decode-tokens",
+            str(decode_tokens),
+        ],
+        pythonpath=[REPO_ROOT],
+    )
 
 
 # ------------------------------------------------------------------------------ make bench
 def minimum_bytes(manifest: dict[str, Any]) -> int:
     """The smallest possible weight storage for the bundle's bit widths (weights stored once, no scales)."""
     m = manifest["model"]
-    linear = m["n_layers"] * (2 * m["dim"] * m["dim"] + 2 * m["dim"] * m["n_kv_heads"] * m["head_dim"] + 3 * m["dim"] * m["ffn_dim"])
+    linear = m["n_layers"] * (
+        2 * m["dim"] * m["dim"] + 2 * m["dim"] * m["n_kv_heads"] * m["head_dim"] + 3 * m["dim"] * m["ffn_dim"]
+    )
     emb = m["vocab_size"] * m["dim"]
     out = linear * manifest["bits"] / 8 + emb * manifest["embedding_bits"] / 8
     if not m["share_embedding"]:
@@ -80,13 +115,30 @@ def export_options_for(preset_name: str, ckpt: Path, target: str, bits: int, out
     from mobilellm.exporter.recipe import export_options_from_recipe, load_recipe
 
     path = find_recipe(preset_name, target, bits)
-    return export_options_from_recipe(load_recipe(path) if path is not None else None, checkpoint=ckpt, target=target,
-                                      bits=bits, max_seq_len=max_seq_len, parity=False, output=output, name=preset_name)
+    return export_options_from_recipe(
+        load_recipe(path) if path is not None else None,
+        checkpoint=ckpt,
+        target=target,
+        bits=bits,
+        max_seq_len=max_seq_len,
+        parity=False,
+        output=output,
+        name=preset_name,
+    )
 
 
-def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: list[int], threads: int,
-              prompt_tokens: int, decode_tokens: int, max_seq_len: int = 512, reuse_bundles: bool = False,
-              peers: bool = False) -> dict[str, Any]:
+def run_suite(
+    output: Path,
+    presets: list[str],
+    targets: list[str],
+    bits_list: list[int],
+    threads: int,
+    prompt_tokens: int,
+    decode_tokens: int,
+    max_seq_len: int = 512,
+    reuse_bundles: bool = False,
+    peers: bool = False,
+) -> dict[str, Any]:
     """Export each preset x target x bits (through its recipe) and time it next to eager PyTorch.
 
     `reuse_bundles` re-times bundles an earlier run left in `output/bundles` without exporting
@@ -120,23 +172,48 @@ def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: l
                 manifest = read_manifest(bundle)  # also checks it against the manifest schema
                 unmeasurable = getattr(load_target(target), "speed_unmeasurable_reason", lambda: None)()
                 if unmeasurable:
-                    row: dict[str, Any] = {"bundle": manifest["name"], "target": target, "bits": bits, "threads": threads,
-                                           "artifact_bytes": artifact_bytes(manifest["files"], manifest["artifact"]),
-                                           "not_timed": unmeasurable}
+                    row: dict[str, Any] = {
+                        "bundle": manifest["name"],
+                        "target": target,
+                        "bits": bits,
+                        "threads": threads,
+                        "artifact_bytes": artifact_bytes(manifest["files"], manifest["artifact"]),
+                        "not_timed": unmeasurable,
+                    }
                 else:
                     row = bench_bundle_subprocess(bundle, threads, prompt_tokens, decode_tokens)
-                    row.update(decode_speedup_vs_eager=row["decode_tokens_per_s"] / eager["decode_tokens_per_s"],
-                               prefill_speedup_vs_eager=row["prefill_tokens_per_s"] / eager["prefill_tokens_per_s"],
-                               rss_vs_eager=row["rss_over_baseline_bytes"] / eager["rss_over_baseline_bytes"])
-                row.update(preset=preset_name, export_s=export_s, max_seq_len=max_seq_len,
-                           recipe=str(options.recipe.path.relative_to(RECIPES_DIR.parent)) if options.recipe else None,
-                           minimum_bytes=minimum_bytes(manifest), size_over_minimum=row["artifact_bytes"] / minimum_bytes(manifest),
-                           size_vs_eager_fp32=row["artifact_bytes"] / eager["artifact_bytes"])
+                    row.update(
+                        decode_speedup_vs_eager=row["decode_tokens_per_s"] / eager["decode_tokens_per_s"],
+                        prefill_speedup_vs_eager=row["prefill_tokens_per_s"] / eager["prefill_tokens_per_s"],
+                        rss_vs_eager=row["rss_over_baseline_bytes"] / eager["rss_over_baseline_bytes"],
+                    )
+                row.update(
+                    preset=preset_name,
+                    export_s=export_s,
+                    max_seq_len=max_seq_len,
+                    recipe=str(options.recipe.path.relative_to(RECIPES_DIR.parent)) if options.recipe else None,
+                    minimum_bytes=minimum_bytes(manifest),
+                    size_over_minimum=row["artifact_bytes"] / minimum_bytes(manifest),
+                    size_vs_eager_fp32=row["artifact_bytes"] / eager["artifact_bytes"],
+                )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if peers and target == "executorch" and "LS" not in preset_name:
-                    rows.append(peer_row(preset_name, ckpt, bits, output, max_seq_len, threads, prompt_tokens, decode_tokens,
-                                         eager, reuse_bundles, row))
+                    rows.append(
+                        peer_row(
+                            preset_name,
+                            ckpt,
+                            bits,
+                            output,
+                            max_seq_len,
+                            threads,
+                            prompt_tokens,
+                            decode_tokens,
+                            eager,
+                            reuse_bundles,
+                            row,
+                        )
+                    )
                     print(json.dumps(rows[-1]), flush=True)
     result = {"threads": threads, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "rows": rows}
     (output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -144,8 +221,19 @@ def run_suite(output: Path, presets: list[str], targets: list[str], bits_list: l
     return result
 
 
-def peer_row(preset_name: str, ckpt: Path, bits: int, output: Path, max_seq_len: int, threads: int, prompt_tokens: int,
-             decode_tokens: int, eager: dict[str, Any], reuse: bool, ours: dict[str, Any]) -> dict[str, Any]:
+def peer_row(
+    preset_name: str,
+    ckpt: Path,
+    bits: int,
+    output: Path,
+    max_seq_len: int,
+    threads: int,
+    prompt_tokens: int,
+    decode_tokens: int,
+    eager: dict[str, Any],
+    reuse: bool,
+    ours: dict[str, Any],
+) -> dict[str, Any]:
     """ExecuTorch's examples/models/llama exporter (export_llama) on the same weights, timed the same way."""
     from bench.peers import PTE_NAME, export_executorch_llama_peer, measure_pte_subprocess
 
@@ -156,13 +244,19 @@ def peer_row(preset_name: str, ckpt: Path, bits: int, output: Path, max_seq_len:
         export_executorch_llama_peer(ckpt, out, bits, max_seq_len=max_seq_len)
         export_s = time.perf_counter() - t0
     row = measure_pte_subprocess(ckpt, out, threads, prompt_tokens, decode_tokens)
-    row.update(preset=preset_name, target="executorch export_llama (peer)", bits=bits, export_s=export_s,
-               minimum_bytes=ours["minimum_bytes"], size_over_minimum=row["artifact_bytes"] / ours["minimum_bytes"],
-               decode_speedup_vs_eager=row["decode_tokens_per_s"] / eager["decode_tokens_per_s"],
-               prefill_speedup_vs_eager=row["prefill_tokens_per_s"] / eager["prefill_tokens_per_s"],
-               rss_vs_eager=row["rss_over_baseline_bytes"] / eager["rss_over_baseline_bytes"],
-               ours_vs_peer_decode=ours["decode_tokens_per_s"] / row["decode_tokens_per_s"],
-               ours_vs_peer_size=ours["artifact_bytes"] / row["artifact_bytes"])
+    row.update(
+        preset=preset_name,
+        target="executorch export_llama (peer)",
+        bits=bits,
+        export_s=export_s,
+        minimum_bytes=ours["minimum_bytes"],
+        size_over_minimum=row["artifact_bytes"] / ours["minimum_bytes"],
+        decode_speedup_vs_eager=row["decode_tokens_per_s"] / eager["decode_tokens_per_s"],
+        prefill_speedup_vs_eager=row["prefill_tokens_per_s"] / eager["prefill_tokens_per_s"],
+        rss_vs_eager=row["rss_over_baseline_bytes"] / eager["rss_over_baseline_bytes"],
+        ours_vs_peer_decode=ours["decode_tokens_per_s"] / row["decode_tokens_per_s"],
+        ours_vs_peer_size=ours["artifact_bytes"] / row["artifact_bytes"],
+    )
     return row
 
 
@@ -172,8 +266,10 @@ def bench_markdown(rows: list[dict[str, Any]]) -> str:
     def num(r: dict[str, Any], key: str, fmt: str, scale: float = 1.0) -> str:
         return "-" if r.get(key) is None else format(r[key] / scale, fmt)
 
-    lines = ["| model | runtime | bits | export s | size MB | size / min | load s | prefill tok/s | decode tok/s | decode vs eager | peak RSS over baseline MB | RSS vs eager |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | runtime | bits | export s | size MB | size / min | load s | prefill tok/s | decode tok/s | decode vs eager | peak RSS over baseline MB | RSS vs eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     notes = []
     for r in rows:
         lines.append(
@@ -199,17 +295,30 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=512, help="KV-cache length of the benchmarked exports")
-    ap.add_argument("--reuse-bundles", action="store_true", help="time bundles already in OUTPUT/bundles instead of exporting again")
-    ap.add_argument("--peers", action="store_true", help="also export and time ExecuTorch's own export_llama on unshared presets")
+    ap.add_argument(
+        "--reuse-bundles", action="store_true", help="time bundles already in OUTPUT/bundles instead of exporting again"
+    )
+    ap.add_argument(
+        "--peers", action="store_true", help="also export and time ExecuTorch's own export_llama on unshared presets"
+    )
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_bundle(args.one, args.threads, args.prompt_tokens, args.decode_tokens)))
     elif args.eager:
         print(json.dumps(measure_eager(args.eager, args.threads, args.prompt_tokens, args.decode_tokens)))
     else:
-        result = run_suite(args.output, args.presets.split(","), args.targets.split(","), [int(b) for b in args.bits.split(",")],
-                           args.threads, args.prompt_tokens, args.decode_tokens, args.max_seq_len,
-                           args.reuse_bundles, args.peers)
+        result = run_suite(
+            args.output,
+            args.presets.split(","),
+            args.targets.split(","),
+            [int(b) for b in args.bits.split(",")],
+            args.threads,
+            args.prompt_tokens,
+            args.decode_tokens,
+            args.max_seq_len,
+            args.reuse_bundles,
+            args.peers,
+        )
         print(bench_markdown(result["rows"]))
 
 

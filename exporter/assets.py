@@ -12,6 +12,7 @@ HELDOUT_TEXT = ASSETS_DIR / "heldout.txt"
 def heldout_text() -> str:
     return HELDOUT_TEXT.read_text()
 
+
 CALIBRATION_TEXT = ASSETS_DIR / "calibration.txt"
 
 

@@ -72,7 +72,9 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: invalid JSON ({exc.msg}); re-export the bundle") from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
-        raise UserError(f"{path}: unsupported manifest (schema_version {manifest.get('schema_version') if isinstance(manifest, dict) else '?'}); re-export with this version")
+        raise UserError(
+            f"{path}: unsupported manifest (schema_version {manifest.get('schema_version') if isinstance(manifest, dict) else '?'}); re-export with this version"
+        )
     problem = manifest_schema_problem(manifest)
     if problem:
         raise UserError(f"{path}: does not match the manifest schema ({problem}); re-export the bundle")

@@ -22,7 +22,12 @@ from .model import MobileLLM
 
 CheckpointFormat = Literal["hf-safetensors", "hf-bin", "training", "pt"]
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _SUPPORTED_MODEL_TYPES = ("mobilellm", "llama")
 
 
@@ -198,17 +203,19 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (cfg.vocab_size, cfg.dim), "norm.weight": (cfg.dim,)}
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (cfg.dim, cfg.dim),
-            p + "self_attn.k_proj.weight": (cfg.kv_dim, cfg.dim),
-            p + "self_attn.v_proj.weight": (cfg.kv_dim, cfg.dim),
-            p + "self_attn.o_proj.weight": (cfg.dim, cfg.dim),
-            p + "mlp.gate_proj.weight": (cfg.ffn_dim, cfg.dim),
-            p + "mlp.up_proj.weight": (cfg.ffn_dim, cfg.dim),
-            p + "mlp.down_proj.weight": (cfg.dim, cfg.ffn_dim),
-            p + "input_layernorm.weight": (cfg.dim,),
-            p + "post_attention_layernorm.weight": (cfg.dim,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (cfg.dim, cfg.dim),
+                p + "self_attn.k_proj.weight": (cfg.kv_dim, cfg.dim),
+                p + "self_attn.v_proj.weight": (cfg.kv_dim, cfg.dim),
+                p + "self_attn.o_proj.weight": (cfg.dim, cfg.dim),
+                p + "mlp.gate_proj.weight": (cfg.ffn_dim, cfg.dim),
+                p + "mlp.up_proj.weight": (cfg.ffn_dim, cfg.dim),
+                p + "mlp.down_proj.weight": (cfg.dim, cfg.ffn_dim),
+                p + "input_layernorm.weight": (cfg.dim,),
+                p + "post_attention_layernorm.weight": (cfg.dim,),
+            }
+        )
     if not cfg.share_embedding:
         shapes["lm_head.weight"] = (cfg.vocab_size, cfg.dim)
     return shapes
@@ -223,13 +230,25 @@ def check_tensors(cfg: ModelConfig, tensors: dict[str, Tensor], where: Path) -> 
     missing = sorted(k for k in want if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in want)
     if missing:
-        raise UserError(f"{where}: missing tensor(s) {_names(['model.' + k for k in missing])}; the checkpoint is incomplete or the config describes another model")
+        raise UserError(
+            f"{where}: missing tensor(s) {_names(['model.' + k for k in missing])}; the checkpoint is incomplete or the config describes another model"
+        )
     if unexpected:
-        raise UserError(f"{where}: unexpected tensor(s) {_names(unexpected)}; the config (num_hidden_layers?) does not describe these weights")
-    bad = [f"model.{k} is {tuple(tensors[k].shape)}, config implies {want[k]}" for k in want if tuple(tensors[k].shape) != want[k]]
+        raise UserError(
+            f"{where}: unexpected tensor(s) {_names(unexpected)}; the config (num_hidden_layers?) does not describe these weights"
+        )
+    bad = [
+        f"model.{k} is {tuple(tensors[k].shape)}, config implies {want[k]}"
+        for k in want
+        if tuple(tensors[k].shape) != want[k]
+    ]
     if bad:
         hint = _shape_hint(cfg, tensors)
-        raise UserError(f"{where}: tensor shape contradicts config.json: {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "") + hint)
+        raise UserError(
+            f"{where}: tensor shape contradicts config.json: {bad[0]}"
+            + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
+            + hint
+        )
     non_float = [k for k, v in tensors.items() if not v.is_floating_point()]
     if non_float:
         raise UserError(f"{where}: tensor(s) {_names(non_float)} are not floating point")
@@ -278,7 +297,9 @@ def _identical(a: Tensor, b: Tensor) -> bool:
     return torch.equal(_bits(a), _bits(b))
 
 
-def fold_shared_blocks(cfg: ModelConfig, tensors: dict[str, Tensor]) -> tuple[ModelConfig, dict[str, Tensor], str] | None:
+def fold_shared_blocks(
+    cfg: ModelConfig, tensors: dict[str, Tensor]
+) -> tuple[ModelConfig, dict[str, Tensor], str] | None:
     """Recover layer sharing from a flat (unrolled) stack whose layers repeat byte for byte.
 
     For a `sharing="none"` config with an even number 2N of layers, finds the first strategy S in
@@ -360,7 +381,9 @@ def load_checkpoint(
     """
     src = Path(path)
     if not src.exists():
-        raise UserError(f"{src}: checkpoint not found; pass a Hugging Face MobileLLM dir, a checkpoint-<step>/ dir or a .pt/.pth file")
+        raise UserError(
+            f"{src}: checkpoint not found; pass a Hugging Face MobileLLM dir, a checkpoint-<step>/ dir or a .pt/.pth file"
+        )
     if src.is_dir():
         cfg_path = src / "config.json"
         if config is not None:
@@ -373,8 +396,12 @@ def load_checkpoint(
         weight_file = next((src / n for n in _WEIGHT_FILES if (src / n).is_file()), None)
         if weight_file is None:
             raise UserError(f"{src}: no weights found; expected one of {', '.join(_WEIGHT_FILES)}")
-        tensors = _load_sharded(weight_file) if weight_file.name.endswith(".index.json") else _load_tensor_file(weight_file)
-        fmt = "training" if raw_type == "llama" else ("hf-safetensors" if "safetensors" in weight_file.name else "hf-bin")
+        tensors = (
+            _load_sharded(weight_file) if weight_file.name.endswith(".index.json") else _load_tensor_file(weight_file)
+        )
+        fmt = (
+            "training" if raw_type == "llama" else ("hf-safetensors" if "safetensors" in weight_file.name else "hf-bin")
+        )
         tok_dir, where = src, weight_file
     else:
         if config is None:
@@ -411,7 +438,11 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     cfg = model.config
-    state = {"model." + k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items() if not k.startswith("rope_")}
+    state = {
+        "model." + k: v.detach().to(dtype).contiguous().clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith("rope_")
+    }
     if include_lm_head and "model.lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # as 600M+ files carry
     if "model.lm_head.weight" in state:
@@ -425,7 +456,9 @@ def save_checkpoint(
         return out
     out.mkdir(parents=True, exist_ok=True)
     model_type = "llama" if fmt == "training" else "mobilellm"
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, model_type, str(dtype).removeprefix("torch.")), indent=2) + "\n")
+    (out / "config.json").write_text(
+        json.dumps(config_to_hf(cfg, model_type, str(dtype).removeprefix("torch.")), indent=2) + "\n"
+    )
     suffix = ".bin" if fmt == "hf-bin" else ".safetensors"
     stem = "pytorch_model" if fmt == "hf-bin" else "model"
 
@@ -446,7 +479,9 @@ def save_checkpoint(
             part = {k: state[k] for k in keys[i * per : (i + 1) * per]}
             write(part, name)
             weight_map.update({k: name for k in part})
-        (out / f"{stem}{suffix}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        (out / f"{stem}{suffix}.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+        )
     if tokenizer:
         shutil.copy(tokenizer, out / tokenizer.name)
     return out

@@ -47,31 +47,74 @@ class Bits(str, enum.Enum):
 def export(
     ctx: typer.Context,
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", "-c",
+        None,
+        "--checkpoint",
+        "-c",
         help="Hugging Face MobileLLM dir, training checkpoint-<step>/ dir, or .pt/.pth state dict. "
         "Default: the embedded default model.",
     ),
-    target: Optional[TargetChoice] = typer.Option(None, "--target", "-t", help="Runtime to export for; 'all' exports every target. Default: all."),
-    bits: Optional[Bits] = typer.Option(None, "--bits", "-b", help="Weight precision: 4 (int4 group-wise), 8 (int8 per-channel) or 16 (fp16/fp32). Default: 4."),
+    target: Optional[TargetChoice] = typer.Option(
+        None, "--target", "-t", help="Runtime to export for; 'all' exports every target. Default: all."
+    ),
+    bits: Optional[Bits] = typer.Option(
+        None,
+        "--bits",
+        "-b",
+        help="Weight precision: 4 (int4 group-wise), 8 (int8 per-channel) or 16 (fp16/fp32). Default: 4.",
+    ),
     output: Path = typer.Option(Path("dist"), "--output", "-o", help="Directory the bundle folders are written to."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe file (recipes/<model>/<target>-<bits>bit.toml) holding every export choice; flags override it."),
-    config: Optional[str] = typer.Option(None, "--config", help="Preset (e.g. 125M-LS) or config.json; required for a bare .pt/.pth."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.model / tokenizer.json if not beside the checkpoint."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="Group size of int4 weights; must divide every input width. Default: 32."),
-    embedding_bits: Optional[Bits] = typer.Option(None, "--embedding-bits", help="Precision of the (shared) embedding table. Default: the target's (see README)."),
-    output_bits: Optional[Bits] = typer.Option(None, "--output-bits", help="Precision of an output projection stored apart from the embedding (ExecuTorch, untied lm_head). Default: the target's."),
-    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="KV-cache length of the exported model (up to the config's max context). Default: 512."),
+    recipe: Optional[Path] = typer.Option(
+        None,
+        "--recipe",
+        "-r",
+        help="Recipe file (recipes/<model>/<target>-<bits>bit.toml) holding every export choice; flags override it.",
+    ),
+    config: Optional[str] = typer.Option(
+        None, "--config", help="Preset (e.g. 125M-LS) or config.json; required for a bare .pt/.pth."
+    ),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="tokenizer.model / tokenizer.json if not beside the checkpoint."
+    ),
+    group_size: Optional[int] = typer.Option(
+        None, "--group-size", help="Group size of int4 weights; must divide every input width. Default: 32."
+    ),
+    embedding_bits: Optional[Bits] = typer.Option(
+        None, "--embedding-bits", help="Precision of the (shared) embedding table. Default: the target's (see README)."
+    ),
+    output_bits: Optional[Bits] = typer.Option(
+        None,
+        "--output-bits",
+        help="Precision of an output projection stored apart from the embedding (ExecuTorch, untied lm_head). Default: the target's.",
+    ),
+    max_seq_len: Optional[int] = typer.Option(
+        None,
+        "--max-seq-len",
+        help="KV-cache length of the exported model (up to the config's max context). Default: 512.",
+    ),
     quant_method: Optional[QuantMethodChoice] = typer.Option(
-        None, "--quant-method", help="How int codes are chosen: gptq (searched clipping + GPTQ rounding on the shipped calibration text), "
-        "mse (searched clipping, round to nearest) or rtn (symmetric max|w|/qmax, round to nearest). Default: gptq."),
-    zero_points: Optional[bool] = typer.Option(None, "--zero-points/--no-zero-points", help="Store a zero point per group where the format can (Core ML, ONNX). Default: the method's (gptq: no, mse: yes)."),
-    layer_bits: Optional[list[str]] = typer.Option(None, "--layer-bits", help="Mixed precision: ROLE=BITS for every block's ROLE linear (wqkv, wo, w13, w2; unfused: wq wk wv w1 w3), ROLE@q4km=BITS for the blocks llama.cpp's Q4_K_M gives more bits; repeatable; 'none' for uniform. Default: the target's (README)."),
+        None,
+        "--quant-method",
+        help="How int codes are chosen: gptq (searched clipping + GPTQ rounding on the shipped calibration text), "
+        "mse (searched clipping, round to nearest) or rtn (symmetric max|w|/qmax, round to nearest). Default: gptq.",
+    ),
+    zero_points: Optional[bool] = typer.Option(
+        None,
+        "--zero-points/--no-zero-points",
+        help="Store a zero point per group where the format can (Core ML, ONNX). Default: the method's (gptq: no, mse: yes).",
+    ),
+    layer_bits: Optional[list[str]] = typer.Option(
+        None,
+        "--layer-bits",
+        help="Mixed precision: ROLE=BITS for every block's ROLE linear (wqkv, wo, w13, w2; unfused: wq wk wv w1 w3), ROLE@q4km=BITS for the blocks llama.cpp's Q4_K_M gives more bits; repeatable; 'none' for uniform. Default: the target's (README).",
+    ),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep Q/K/V and gate/up projections separate (debugging)."),
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity run after export."),
     threshold: Optional[list[str]] = typer.Option(
         None, "--threshold", help="Override a parity threshold, e.g. reference.top1_agreement=0.9 (repeatable)."
     ),
-    name: Optional[str] = typer.Option(None, "--name", help="Bundle name prefix (default: the checkpoint's folder name)."),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Bundle name prefix (default: the checkpoint's folder name)."
+    ),
 ) -> None:
     """Export a checkpoint (the default command)."""
     if ctx.invoked_subcommand is not None:
@@ -112,8 +155,10 @@ def parse_layer_bits(items: list[str] | None) -> dict[str, int] | None:
     for item in items:
         role, _, bits = item.partition("=")
         if role.removesuffix("@q4km") not in roles or bits not in ("4", "8", "16"):
-            raise UserError(f"--layer-bits {item!r}: expected ROLE=BITS with ROLE one of {', '.join(roles)} (or ROLE@q4km: "
-                            "only the blocks llama.cpp's Q4_K_M gives more bits) and BITS 4, 8 or 16, e.g. w2=8")
+            raise UserError(
+                f"--layer-bits {item!r}: expected ROLE=BITS with ROLE one of {', '.join(roles)} (or ROLE@q4km: "
+                "only the blocks llama.cpp's Q4_K_M gives more bits) and BITS 4, 8 or 16, e.g. w2=8"
+            )
         out[role] = int(bits)
     return out
 
@@ -127,7 +172,9 @@ def parse_thresholds(items: Optional[list[str]]) -> dict[str, float]:
                 raise ValueError
             out[key.strip()] = float(value)
         except ValueError:
-            raise UserError(f"--threshold {item!r}: expected <reference|twin>.<metric>=<number>, e.g. twin.top1_agreement=0.99") from None
+            raise UserError(
+                f"--threshold {item!r}: expected <reference|twin>.<metric>=<number>, e.g. twin.top1_agreement=0.99"
+            ) from None
     return out
 
 
@@ -136,7 +183,9 @@ def inspect(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint to describe (default: the embedded model)."),
     config: Optional[str] = typer.Option(None, "--config", help="Preset or config.json for a bare .pt/.pth."),
     max_seq_len: int = typer.Option(512, "--max-seq-len", help="Context used for the KV-cache estimate."),
-    no_ops: bool = typer.Option(False, "--no-ops", help="Skip the export-graph operator counts (they need a torch.export run)."),
+    no_ops: bool = typer.Option(
+        False, "--no-ops", help="Skip the export-graph operator counts (they need a torch.export run)."
+    ),
 ) -> None:
     """Describe a checkpoint: architecture, parameters, sharing, tokenizer, memory, export-graph op counts."""
     from .inspect import describe
@@ -147,14 +196,25 @@ def inspect(
 @app.command()
 def validate(
     bundle: Path = typer.Argument(..., help="Bundle folder written by an export."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Recompute the reference outputs from these weights instead of the bundle's golden data."),
-    config: Optional[str] = typer.Option(None, "--config", help="Preset or config.json for a bare .pt/.pth checkpoint."),
-    threshold: Optional[list[str]] = typer.Option(None, "--threshold", help="Override a threshold, e.g. twin.top1_agreement=0.995 (repeatable)."),
-    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where parity.json/.md/.junit.xml go (default: the bundle)."),
+    checkpoint: Optional[Path] = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="Recompute the reference outputs from these weights instead of the bundle's golden data.",
+    ),
+    config: Optional[str] = typer.Option(
+        None, "--config", help="Preset or config.json for a bare .pt/.pth checkpoint."
+    ),
+    threshold: Optional[list[str]] = typer.Option(
+        None, "--threshold", help="Override a threshold, e.g. twin.top1_agreement=0.995 (repeatable)."
+    ),
+    report_dir: Optional[Path] = typer.Option(
+        None, "--report-dir", help="Where parity.json/.md/.junit.xml go (default: the bundle)."
+    ),
 ) -> None:
     """Re-run the parity check on a bundle; exit 0 pass, 1 parity failed, 2 bad input."""
-    from mobilellm.validation.validate import validate_bundle
     from mobilellm.validation.reports import markdown
+    from mobilellm.validation.validate import validate_bundle
 
     result, report = validate_bundle(bundle, checkpoint, parse_thresholds(threshold), report_dir, config)
     typer.echo(markdown(report))
@@ -179,11 +239,15 @@ def bench(
 
 @app.command("random-checkpoint")
 def random_checkpoint(
-    preset_name: str = typer.Argument(..., metavar="PRESET", help="125M, 350M, 600M, 1B, 1.5B, or one of those with -LS."),
+    preset_name: str = typer.Argument(
+        ..., metavar="PRESET", help="125M, 350M, 600M, 1B, 1.5B, or one of those with -LS."
+    ),
     output: Path = typer.Argument(..., help="Directory to write (Hugging Face MobileLLM format)."),
     dtype: str = typer.Option("float16", "--dtype", help="float16, bfloat16 or float32."),
     seed: int = typer.Option(0, "--seed"),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Override the stored block count (smaller test models)."),
+    layers: Optional[int] = typer.Option(
+        None, "--layers", help="Override the stored block count (smaller test models)."
+    ),
 ) -> None:
     """Write a randomly initialised checkpoint of a preset, for benchmarks and tests of real sizes."""
     from .random_checkpoint import write_random_checkpoint
@@ -221,6 +285,7 @@ def main() -> None:
         traceback.print_exc()
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (please report it with the traceback above)", err=True)
         sys.exit(3)
+
 
 if __name__ == "__main__":
     main()

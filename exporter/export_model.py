@@ -122,7 +122,9 @@ class ExportModel(nn.Module):
     def __init__(self, cfg: ModelConfig, settings: ExportSettings) -> None:
         super().__init__()
         if not 1 <= settings.max_seq_len <= cfg.max_context:
-            raise UserError(f"--max-seq-len must be between 1 and the model's max context {cfg.max_context}, got {settings.max_seq_len}")
+            raise UserError(
+                f"--max-seq-len must be between 1 and the model's max context {cfg.max_context}, got {settings.max_seq_len}"
+            )
         self.config, self.settings = cfg, settings
         self.schedule = cfg.schedule()
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -149,7 +151,7 @@ class ExportModel(nn.Module):
 
     def load_reference_state(self, ref: MobileLLM) -> None:
         """Map checkpoint tensors onto this module, fusing on the way; unfused weights are aliased, not copied."""
-        cfg, fold = self.config, self.settings.fold_norm_gains
+        fold = self.settings.fold_norm_gains
         self.tok_embeddings.weight = ref.embed_tokens.weight
         if self.output is not None:
             self.output.weight = ref.lm_head.weight
@@ -162,9 +164,17 @@ class ExportModel(nn.Module):
                 return w * gain if fold else w
 
             if self.settings.fuse:
-                qkv = torch.cat([prep(attn.q_proj.weight, g_attn), prep(attn.k_proj.weight, g_attn), prep(attn.v_proj.weight, g_attn)])
+                qkv = torch.cat(
+                    [
+                        prep(attn.q_proj.weight, g_attn),
+                        prep(attn.k_proj.weight, g_attn),
+                        prep(attn.v_proj.weight, g_attn),
+                    ]
+                )
                 block.wqkv.weight = nn.Parameter(qkv, requires_grad=False)
-                block.w13.weight = nn.Parameter(torch.cat([prep(mlp.gate_proj.weight, g_ffn), prep(mlp.up_proj.weight, g_ffn)]), requires_grad=False)
+                block.w13.weight = nn.Parameter(
+                    torch.cat([prep(mlp.gate_proj.weight, g_ffn), prep(mlp.up_proj.weight, g_ffn)]), requires_grad=False
+                )
             else:
                 for dst, src in ((block.wq, attn.q_proj), (block.wk, attn.k_proj), (block.wv, attn.v_proj)):
                     dst.weight = src.weight if not fold else nn.Parameter(prep(src.weight, g_attn), requires_grad=False)

@@ -10,8 +10,13 @@ from .export_model import ExportModel, ExportSettings, graph_op_counts
 from .memory import estimate_memory, human
 
 
-def describe(checkpoint: Path | None, config: str | None = None, max_seq_len: int = 512, ops: bool = True,
-             detect_shared_blocks: bool = True) -> str:
+def describe(
+    checkpoint: Path | None,
+    config: str | None = None,
+    max_seq_len: int = 512,
+    ops: bool = True,
+    detect_shared_blocks: bool = True,
+) -> str:
     ckpt = load_checkpoint(checkpoint or DEFAULT_MODEL_DIR, config, detect_shared_blocks=detect_shared_blocks)
     cfg = ckpt.config
     max_seq_len = min(max_seq_len, cfg.max_context)
@@ -41,7 +46,9 @@ def describe(checkpoint: Path | None, config: str | None = None, max_seq_len: in
     if ops:
         lines.append("export graph    operator counts (torch.export, fused vs --no-fuse):")
         for fuse in (True, False):
-            model = ExportModel.from_reference(ckpt.model, ExportSettings(max_seq_len=min(32, cfg.max_context), fuse=fuse))
+            model = ExportModel.from_reference(
+                ckpt.model, ExportSettings(max_seq_len=min(32, cfg.max_context), fuse=fuse)
+            )
             counts = graph_op_counts(model)
             lines.append(
                 f"  {'fused' if fuse else 'unfused':<13} {counts['total']} ops, {counts['linear']} linear, {counts['sdpa']} sdpa, "

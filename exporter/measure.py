@@ -61,8 +61,12 @@ def time_decode(runtime: Any, prompt: np.ndarray, decode_tokens: int) -> dict[st
         nxt = np.asarray([int(np.argmax(logits[-1]))], dtype=np.int64)
         logits = step(nxt, len(prompt) + i)
     decode_s = time.perf_counter() - t1
-    return {"prefill_tokens_per_s": len(prompt) / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s,
-            "prefill_s": prefill_s, "decode_s": decode_s}
+    return {
+        "prefill_tokens_per_s": len(prompt) / prefill_s,
+        "decode_tokens_per_s": decode_tokens / decode_s,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+    }
 
 
 def bench_prompt(vocab: int, n: int) -> np.ndarray:
@@ -81,7 +85,9 @@ def run_fresh_process(module: str, args: list[str], pythonpath: Sequence[str | P
         env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark subprocess failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        raise RuntimeError(
+            f"benchmark subprocess failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -104,23 +110,49 @@ def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens
     time_decode(runtime, prompt[:8], 2)  # warm-up (first-call allocations, kernel packing)
     timing = time_decode(runtime, prompt, decode_tokens)
     size = artifact_bytes(manifest["files"], manifest["artifact"])
-    return {"bundle": manifest["name"], "target": manifest["target"], "bits": manifest["bits"], "threads": threads,
-            "load_s": load_s, **timing, "peak_rss_bytes": peak_rss(), "rss_over_baseline_bytes": peak_rss() - base_rss,
-            "rss_after_load_bytes": load_rss, "artifact_bytes": size, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens,
-            **({"xnnpack_weight_cache": runtime.xnnpack_weight_cache} if hasattr(runtime, "xnnpack_weight_cache") else {})}
+    return {
+        "bundle": manifest["name"],
+        "target": manifest["target"],
+        "bits": manifest["bits"],
+        "threads": threads,
+        "load_s": load_s,
+        **timing,
+        "peak_rss_bytes": peak_rss(),
+        "rss_over_baseline_bytes": peak_rss() - base_rss,
+        "rss_after_load_bytes": load_rss,
+        "artifact_bytes": size,
+        "prompt_tokens": len(prompt),
+        "decode_tokens": decode_tokens,
+        **({"xnnpack_weight_cache": runtime.xnnpack_weight_cache} if hasattr(runtime, "xnnpack_weight_cache") else {}),
+    }
 
 
-def bench_bundle_subprocess(bundle: Path, threads: int = 2, prompt_tokens: int = 128, decode_tokens: int = 64) -> dict[str, Any]:
+def bench_bundle_subprocess(
+    bundle: Path, threads: int = 2, prompt_tokens: int = 128, decode_tokens: int = 64
+) -> dict[str, Any]:
     """measure_bundle in a fresh process (clean load time and RSS baseline)."""
     from .bundle import read_manifest
 
     read_manifest(bundle)  # a clear error for a bad path before spawning anything
-    return run_fresh_process("mobilellm.exporter.measure", ["--one", str(bundle), "--threads", str(threads), "--prompt-tokens", str(prompt_tokens),
-                                        "--decode-tokens", str(decode_tokens)])
+    return run_fresh_process(
+        "mobilellm.exporter.measure",
+        [
+            "--one",
+            str(bundle),
+            "--threads",
+            str(threads),
+            "--prompt-tokens",
+            str(prompt_tokens),
+            "--decode-tokens",
+            str(decode_tokens),
+        ],
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Measure one bundle in this process and print JSON (mobilellm-export bench runs it in a fresh one)")
+    ap = argparse.ArgumentParser(
+        description="Measure one bundle in this process and print JSON (mobilellm-export bench runs it in a fresh one)"
+    )
     ap.add_argument("--one", type=Path, required=True, help="bundle folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)

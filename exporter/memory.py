@@ -27,8 +27,12 @@ def linear_weight_bytes(n_weights: int, rows: int, bits: int, group_size: int) -
 
 
 def estimate_memory(
-    cfg: ModelConfig, bits: int, context: int | None = None, group_size: int = 32,
-    embedding_bits: int = 8, kv_bytes_per_value: int = 2,
+    cfg: ModelConfig,
+    bits: int,
+    context: int | None = None,
+    group_size: int = 32,
+    embedding_bits: int = 8,
+    kv_bytes_per_value: int = 2,
 ) -> MemoryEstimate:
     """Weights stored once (sharing aliased, embedding shared) plus the KV cache of every application."""
     context = context or cfg.max_context

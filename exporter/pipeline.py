@@ -11,12 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from .assets import DEFAULT_MODEL_DIR, heldout_text
-from .bundle import MANIFEST, MANIFEST_SCHEMA_VERSION, artifact_bytes, file_entries, manifest_schema_problem, staged_dir, tool_versions, write_json
+from .bundle import (
+    MANIFEST,
+    MANIFEST_SCHEMA_VERSION,
+    artifact_bytes,
+    file_entries,
+    manifest_schema_problem,
+    staged_dir,
+    tool_versions,
+    write_json,
+)
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ParityError, UserError
 from .export_model import ExportModel, ExportSettings
 from .memory import human
-from .quantize import QuantMethod, QuantizedModel, calibration_windows, fake_quantized_twin, quantize_model
+from .quantize import QuantizedModel, QuantMethod, calibration_windows, fake_quantized_twin, quantize_model
 from .targets import TargetModule, TargetOptions, load_target
 from .tokenizer import load_tokenizer, parity_tokens
 
@@ -47,7 +56,9 @@ def log(msg: str) -> None:
 
 
 def bundle_name(options: ExportOptions, ckpt: Checkpoint, target: str) -> str:
-    base = options.name or ("default" if options.checkpoint is None else (ckpt.source.stem if ckpt.source.is_file() else ckpt.source.name))
+    base = options.name or (
+        "default" if options.checkpoint is None else (ckpt.source.stem if ckpt.source.is_file() else ckpt.source.name)
+    )
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "model"
     return f"{base}-{target}-{options.bits}bit"
 
@@ -81,8 +92,17 @@ def quantize(model: ExportModel, scheme: Any, calibration: list[Any], act_order:
     return quantized
 
 
-def manifest_for(name: str, module: TargetModule, ckpt: Checkpoint, opts: TargetOptions, quantized: QuantizedModel, artifact: Any,
-                 files: dict[str, Any], parity: dict[str, Any] | None, tokenizer_name: str | None) -> dict[str, Any]:
+def manifest_for(
+    name: str,
+    module: TargetModule,
+    ckpt: Checkpoint,
+    opts: TargetOptions,
+    quantized: QuantizedModel,
+    artifact: Any,
+    files: dict[str, Any],
+    parity: dict[str, Any] | None,
+    tokenizer_name: str | None,
+) -> dict[str, Any]:
     cfg = ckpt.config
     scheme = quantized.scheme
     return {
@@ -100,14 +120,26 @@ def manifest_for(name: str, module: TargetModule, ckpt: Checkpoint, opts: Target
         "bos_id": cfg.bos_id,
         "eos_ids": [cfg.eos_id],
         "model": {
-            "dim": cfg.dim, "n_layers": cfg.n_layers, "n_applied": cfg.n_applied, "n_heads": cfg.n_heads,
-            "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim, "vocab_size": cfg.vocab_size,
-            "layer_sharing": cfg.sharing, "share_embedding": cfg.share_embedding, "rope_theta": cfg.rope_theta,
-            "norm_eps": cfg.norm_eps, "unique_params": cfg.unique_params(),
+            "dim": cfg.dim,
+            "n_layers": cfg.n_layers,
+            "n_applied": cfg.n_applied,
+            "n_heads": cfg.n_heads,
+            "n_kv_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim,
+            "ffn_dim": cfg.ffn_dim,
+            "vocab_size": cfg.vocab_size,
+            "layer_sharing": cfg.sharing,
+            "share_embedding": cfg.share_embedding,
+            "rope_theta": cfg.rope_theta,
+            "norm_eps": cfg.norm_eps,
+            "unique_params": cfg.unique_params(),
         },
         "source": {"checkpoint": ckpt.source.name, "format": ckpt.source_format, "dtype": ckpt.source_dtype},
-        "quantization": {"method": opts.method.to_dict(), "output_bits": scheme.output.bits,
-                         "layer_bits": {role: wq.bits for role, wq in scheme.overrides}},
+        "quantization": {
+            "method": opts.method.to_dict(),
+            "output_bits": scheme.output.bits,
+            "layer_bits": {role: wq.bits for role, wq in scheme.overrides},
+        },
         "io": artifact.io,
         "target_info": artifact.info,
         "files": files,
@@ -117,7 +149,13 @@ def manifest_for(name: str, module: TargetModule, ckpt: Checkpoint, opts: Target
 
 
 def run_export(options: ExportOptions) -> list[Path]:
-    from mobilellm.validation.parity import GOLDEN_FILE, ReferenceRuntime, compute_golden, resolve_thresholds, run_parity
+    from mobilellm.validation.parity import (
+        GOLDEN_FILE,
+        ReferenceRuntime,
+        compute_golden,
+        resolve_thresholds,
+        run_parity,
+    )
     from mobilellm.validation.reports import report_dict, write_reports
     from mobilellm.validation.sequences import TorchRuntime
 
@@ -127,14 +165,25 @@ def run_export(options: ExportOptions) -> list[Path]:
     if options.recipe is not None:
         options.recipe.check_matches(ckpt.config)
     if ckpt.tokenizer_path is None:
-        raise UserError(f"{ckpt.source}: no tokenizer.model or tokenizer.json beside the checkpoint; pass --tokenizer PATH")
-    opts = TargetOptions(bits=options.bits, group_size=options.group_size, embedding_bits=options.embedding_bits,
-                         output_bits=options.output_bits, max_seq_len=options.max_seq_len, fuse=options.fuse, method=options.method,
-                         layer_bits=None if options.layer_bits is None else tuple(sorted(options.layer_bits.items())))
+        raise UserError(
+            f"{ckpt.source}: no tokenizer.model or tokenizer.json beside the checkpoint; pass --tokenizer PATH"
+        )
+    opts = TargetOptions(
+        bits=options.bits,
+        group_size=options.group_size,
+        embedding_bits=options.embedding_bits,
+        output_bits=options.output_bits,
+        max_seq_len=options.max_seq_len,
+        fuse=options.fuse,
+        method=options.method,
+        layer_bits=None if options.layer_bits is None else tuple(sorted(options.layer_bits.items())),
+    )
     settings = ExportSettings(max_seq_len=options.max_seq_len, fuse=options.fuse)
     check_group_size(ckpt, opts)
     ExportModel(ckpt.config, settings)  # validates --max-seq-len before any target work
-    tokens = parity_tokens(load_tokenizer(ckpt.tokenizer_path), heldout_text(), 512, ckpt.config.vocab_size, ckpt.config.bos_id)
+    tokens = parity_tokens(
+        load_tokenizer(ckpt.tokenizer_path), heldout_text(), 512, ckpt.config.vocab_size, ckpt.config.bos_id
+    )
     reference = ReferenceRuntime(ckpt.model)
     calibration = calibration_windows(ckpt, options.method, options.max_seq_len)
 
@@ -168,14 +217,25 @@ def run_export(options: ExportOptions) -> list[Path]:
             if options.parity:
                 runtime = module.open_runtime(tmp, manifest)
                 result = run_parity(runtime, golden, thresholds, lambda m: log(f"[{module.NAME}] parity: {m}"))
-                report = report_dict(result, {"bundle": name, "target": module.NAME, "bits": opts.bits,
-                                              "embedding_bits": quantized.scheme.embedding.bits}, thresholds)
+                report = report_dict(
+                    result,
+                    {
+                        "bundle": name,
+                        "target": module.NAME,
+                        "bits": opts.bits,
+                        "embedding_bits": quantized.scheme.embedding.bits,
+                    },
+                    thresholds,
+                )
                 write_reports(report, tmp)
-                parity_summary = {"passed": result.passed, "report": "parity.json",
-                                  "top1_vs_reference": result.overall["reference"]["top1_agreement"],
-                                  "top1_vs_twin": result.overall["twin"]["top1_agreement"],
-                                  "ppl_delta_vs_reference": result.perplexity["delta_vs_reference"],
-                                  "failures": result.failures()}
+                parity_summary = {
+                    "passed": result.passed,
+                    "report": "parity.json",
+                    "top1_vs_reference": result.overall["reference"]["top1_agreement"],
+                    "top1_vs_twin": result.overall["twin"]["top1_agreement"],
+                    "ppl_delta_vs_reference": result.perplexity["delta_vs_reference"],
+                    "failures": result.failures(),
+                }
                 manifest["parity"] = parity_summary
                 write_json(tmp / MANIFEST, manifest)
             problem = manifest_schema_problem(manifest)
@@ -186,9 +246,13 @@ def run_export(options: ExportOptions) -> list[Path]:
         status = "skipped" if parity_summary is None else ("PASS" if parity_summary["passed"] else "FAIL")
         detail = ""
         if parity_summary:
-            detail = (f" (top-1 vs reference {parity_summary['top1_vs_reference'] * 100:.1f}%, vs twin {parity_summary['top1_vs_twin'] * 100:.1f}%, "
-                      f"perplexity {parity_summary['ppl_delta_vs_reference'] * 100:+.2f}%)")
-        print(f"{module.NAME:<10} {final}  {artifact.files[0]} {human(size)}  exported in {export_seconds:.1f}s  parity {status}{detail}")
+            detail = (
+                f" (top-1 vs reference {parity_summary['top1_vs_reference'] * 100:.1f}%, vs twin {parity_summary['top1_vs_twin'] * 100:.1f}%, "
+                f"perplexity {parity_summary['ppl_delta_vs_reference'] * 100:+.2f}%)"
+            )
+        print(
+            f"{module.NAME:<10} {final}  {artifact.files[0]} {human(size)}  exported in {export_seconds:.1f}s  parity {status}{detail}"
+        )
         if parity_summary and not parity_summary["passed"]:
             failed.append(f"{module.NAME}: " + "; ".join(parity_summary["failures"][:3]))
     if failed:

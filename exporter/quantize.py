@@ -64,7 +64,9 @@ class WeightQuant:
         while self.group_size_cap and group * 2 <= self.group_size_cap and cols % (group * 2) == 0:
             group *= 2  # doubling keeps a power of two a power of two (MatMulNBits needs one)
         if cols % group:
-            raise UserError(f"group size {group} does not divide input width {cols}; pick a divisor of every layer width (e.g. 32)")
+            raise UserError(
+                f"group size {group} does not divide input width {cols}; pick a divisor of every layer width (e.g. 32)"
+            )
         return group
 
     def quantize(self, w: Tensor, hessian: Tensor | None = None, act_order: bool = False) -> QuantizedWeight:
@@ -111,12 +113,18 @@ _MSE_GRID = torch.linspace(0.6, 1.0, 11)
 
 def _store(scale: Tensor, wq: WeightQuant) -> Tensor:
     """The scale as the runtime will hold it (rounded to its dtype, never zero)."""
-    tiny = torch.finfo(torch.float32).smallest_normal if wq.scale_dtype == torch.float32 else torch.finfo(wq.scale_dtype).tiny
+    tiny = (
+        torch.finfo(torch.float32).smallest_normal
+        if wq.scale_dtype == torch.float32
+        else torch.finfo(wq.scale_dtype).tiny
+    )
     scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny).copysign(scale), scale)
     return scale.to(wq.scale_dtype).float()
 
 
-def _codes(g: Tensor, scale: Tensor, zero: Tensor | None, qmin: int, qmax: int, torchao_rounding: bool = False) -> Tensor:
+def _codes(
+    g: Tensor, scale: Tensor, zero: Tensor | None, qmin: int, qmax: int, torchao_rounding: bool = False
+) -> Tensor:
     x = g * (1.0 / scale) if torchao_rounding else g / scale
     if zero is not None:
         x = x + zero
@@ -166,8 +174,11 @@ def _params_for(g: Tensor, wq: WeightQuant, col_weight: Tensor | None) -> tuple[
             best = (err, scale, zero)
         else:
             better = err < best[0]
-            best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
-                    None if zero is None else torch.where(better, zero, best[2]))  # type: ignore[arg-type]
+            best = (
+                torch.where(better, err, best[0]),
+                torch.where(better, scale, best[1]),
+                None if zero is None else torch.where(better, zero, best[2]),
+            )  # type: ignore[arg-type]
     err, scale, zero = best  # type: ignore[misc]
     # A least-squares step on the winner's codes, kept where it lowers the error.
     fitted, _ = _refine(g, scale, zero, wq, col_weight)
@@ -175,7 +186,9 @@ def _params_for(g: Tensor, wq: WeightQuant, col_weight: Tensor | None) -> tuple[
     return torch.where(fitted_err < err, fitted, scale), zero
 
 
-def _refine(g: Tensor, scale: Tensor, zero: Tensor | None, wq: WeightQuant, col_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _refine(
+    g: Tensor, scale: Tensor, zero: Tensor | None, wq: WeightQuant, col_weight: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
     """One least-squares step: with the codes fixed, the scale that minimizes the weighted error."""
     qmin, qmax = wq.qrange()
     q = _codes(g, scale, zero, qmin, qmax)
@@ -389,13 +402,23 @@ class QuantMethod:
         return preset if zero_points is None else replace(preset, asymmetric=zero_points)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scale_rule": self.scale_rule or "mse", "asymmetric": self.asymmetric, "gptq": self.gptq,
-                "calibration_tokens": self.calibration_tokens, "act_order": self.act_order}
+        return {
+            "scale_rule": self.scale_rule or "mse",
+            "asymmetric": self.asymmetric,
+            "gptq": self.gptq,
+            "calibration_tokens": self.calibration_tokens,
+            "act_order": self.act_order,
+        }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "QuantMethod":
-        return cls(scale_rule=raw.get("scale_rule"), asymmetric=bool(raw.get("asymmetric", False)), gptq=bool(raw.get("gptq", True)),
-                   calibration_tokens=int(raw.get("calibration_tokens", 2048)), act_order=bool(raw.get("act_order", False)))
+        return cls(
+            scale_rule=raw.get("scale_rule"),
+            asymmetric=bool(raw.get("asymmetric", False)),
+            gptq=bool(raw.get("gptq", True)),
+            calibration_tokens=int(raw.get("calibration_tokens", 2048)),
+            act_order=bool(raw.get("act_order", False)),
+        )
 
     def describe(self) -> str:
         parts = [self.scale_rule or "mse", "asymmetric" if self.asymmetric else "symmetric"]
@@ -414,8 +437,10 @@ def calibration_windows(ckpt: Any, method: QuantMethod, max_seq_len: int) -> lis
         return []
     tokenizer = load_tokenizer(ckpt.tokenizer_path)
     if tokenizer is None:
-        raise UserError(f"{ckpt.tokenizer_path}: the tokenizer cannot be read, so GPTQ has no calibration text; "
-                        "fix the tokenizer or pass --quant-method rtn")
+        raise UserError(
+            f"{ckpt.tokenizer_path}: the tokenizer cannot be read, so GPTQ has no calibration text; "
+            "fix the tokenizer or pass --quant-method rtn"
+        )
     cfg = ckpt.config
     ids = [i for i in tokenizer.encode(calibration_text()) if 0 <= i < cfg.vocab_size]
     step = max(2, min(512, max_seq_len - 1)) - 1
@@ -456,8 +481,9 @@ class QuantizedModel:
 
 
 @torch.no_grad()
-def quantize_model(model: ExportModel, scheme: QuantScheme, calibration: list[Tensor] | None = None,
-                   act_order: bool = False) -> QuantizedModel:
+def quantize_model(
+    model: ExportModel, scheme: QuantScheme, calibration: list[Tensor] | None = None, act_order: bool = False
+) -> QuantizedModel:
     """Quantize every stored weight of `model` as `scheme` says; GPTQ where calibration windows are
     given (the shared embedding, read by a lookup as well as the projection, is rounded to nearest)."""
     hessians = collect_hessians(model, calibration) if calibration else {}

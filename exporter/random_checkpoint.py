@@ -18,8 +18,9 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 
 @torch.no_grad()
-def write_random_checkpoint(preset_name: str, output: Path, dtype: str = "float16", seed: int = 0,
-                            layers: int | None = None) -> Path:
+def write_random_checkpoint(
+    preset_name: str, output: Path, dtype: str = "float16", seed: int = 0, layers: int | None = None
+) -> Path:
     if dtype not in _DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     cfg = preset(preset_name)
@@ -35,5 +36,7 @@ def write_random_checkpoint(preset_name: str, output: Path, dtype: str = "float1
     # whose ids are a subset of its range, so runners and parity text still work.
     tokenizer = DEFAULT_MODEL_DIR / "tokenizer.model"
     with staged_dir(Path(output)) as tmp:
-        save_checkpoint(model, tmp, "hf-safetensors", _DTYPES[dtype], tokenizer=tokenizer if tokenizer.is_file() else None)
+        save_checkpoint(
+            model, tmp, "hf-safetensors", _DTYPES[dtype], tokenizer=tokenizer if tokenizer.is_file() else None
+        )
     return Path(output)

@@ -25,12 +25,27 @@ if TYPE_CHECKING:
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "model": {"name": str, "preset": str, "hub_id": str},
-    "export": {"target": str, "bits": int, "group_size": int, "embedding_bits": int, "output_bits": int, "max_seq_len": int, "fuse": bool,
-               "quant_method": str, "zero_points": bool, "layer_bits": dict},
+    "export": {
+        "target": str,
+        "bits": int,
+        "group_size": int,
+        "embedding_bits": int,
+        "output_bits": int,
+        "max_seq_len": int,
+        "fuse": bool,
+        "quant_method": str,
+        "zero_points": bool,
+        "layer_bits": dict,
+    },
     "parity": {"thresholds": dict},
 }
-_CHOICES = {"target": ("executorch", "coreml", "onnx", "all"), "bits": (4, 8, 16), "embedding_bits": (4, 8, 16), "output_bits": (4, 8, 16),
-            "quant_method": ("gptq", "mse", "rtn")}
+_CHOICES = {
+    "target": ("executorch", "coreml", "onnx", "all"),
+    "bits": (4, 8, 16),
+    "embedding_bits": (4, 8, 16),
+    "output_bits": (4, 8, 16),
+    "quant_method": ("gptq", "mse", "rtn"),
+}
 
 
 @dataclass
@@ -49,9 +64,13 @@ class Recipe:
         """Refuse a checkpoint whose architecture is not the recipe's model."""
         want = self.config()
         fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "sharing")
-        diffs = [f"{f} {getattr(cfg, f)} (recipe: {getattr(want, f)})" for f in fields if getattr(cfg, f) != getattr(want, f)]
+        diffs = [
+            f"{f} {getattr(cfg, f)} (recipe: {getattr(want, f)})" for f in fields if getattr(cfg, f) != getattr(want, f)
+        ]
         if diffs:
-            raise UserError(f"{self.path}: the checkpoint is not {self.name}: {', '.join(diffs)}; pick the recipe for your model")
+            raise UserError(
+                f"{self.path}: the checkpoint is not {self.name}: {', '.join(diffs)}; pick the recipe for your model"
+            )
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -75,7 +94,9 @@ def load_recipe(path: Path) -> Recipe:
             if not isinstance(value, allowed[key]) or (allowed[key] is int and isinstance(value, bool)):
                 raise UserError(f"{path}: {section}.{key} must be {allowed[key].__name__}, got {value!r}")  # type: ignore[union-attr]
             if key in _CHOICES and value not in _CHOICES[key]:
-                raise UserError(f"{path}: {section}.{key} = {value!r} is not one of {', '.join(map(str, _CHOICES[key]))}")
+                raise UserError(
+                    f"{path}: {section}.{key} = {value!r} is not one of {', '.join(map(str, _CHOICES[key]))}"
+                )
     model = raw.get("model", {})
     if "preset" not in model:
         raise UserError(f"{path}: missing model.preset")
@@ -88,8 +109,14 @@ def load_recipe(path: Path) -> Recipe:
         resolve_thresholds(bits, thresholds)
     except UserError as exc:
         raise UserError(f"{path}: parity.thresholds: {exc}") from None
-    return Recipe(path, model.get("name", model["preset"]), model["preset"], model.get("hub_id"), dict(raw.get("export", {})),
-                  {k: float(v) for k, v in thresholds.items()})
+    return Recipe(
+        path,
+        model.get("name", model["preset"]),
+        model["preset"],
+        model.get("hub_id"),
+        dict(raw.get("export", {})),
+        {k: float(v) for k, v in thresholds.items()},
+    )
 
 
 def export_options_from_recipe(
@@ -118,8 +145,8 @@ def export_options_from_recipe(
     The one mapping of recipe keys to ExportOptions, used by `mobilellm-export --recipe` and the repo's
     benchmarks. `target` may be "all"; `zero_points` and `layer_bits` (role -> bits, e.g. {"w2": 8}) override the recipe's;
     `thresholds` are laid over the recipe's; `name` defaults to the recipe's model name."""
-    from .quantize import QuantMethod
     from .pipeline import ExportOptions
+    from .quantize import QuantMethod
     from .targets import TARGET_NAMES
 
     base = plan.export if plan else {}
@@ -146,6 +173,8 @@ def export_options_from_recipe(
         thresholds={**(plan.thresholds if plan else {}), **(thresholds or {})},
         name=name or (plan.name if plan else None),
         recipe=plan,
-        method=QuantMethod.named(str(pick(quant_method, "quant_method", "gptq")), pick(zero_points, "zero_points", None)),
+        method=QuantMethod.named(
+            str(pick(quant_method, "quant_method", "gptq")), pick(zero_points, "zero_points", None)
+        ),
         layer_bits=pick(layer_bits, "layer_bits", None),
     )

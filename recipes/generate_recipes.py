@@ -1,6 +1,6 @@
 """Write one recipe per released model x target x bits, and the memory report in recipes/README.md.
 
-    python recipes/generate_recipes.py      (re-run after changing a default; the files are checked in)
+python recipes/generate_recipes.py      (re-run after changing a default; the files are checked in)
 """
 
 from __future__ import annotations
@@ -83,12 +83,17 @@ def recipe_text(folder: str, preset_name: str, hub_id: str | None, target: str, 
 
 def memory_table() -> str:
     gb = 1024**3
-    rows = ["| model | target | bits | weights | KV cache @ 2048 | total | of 6 GB | of 12 GB |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | target | bits | weights | KV cache @ 2048 | total | of 6 GB | of 12 GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for folder, (preset_name, _) in MODELS.items():
         cfg = preset(preset_name)
         for target in TARGETS:
             for bits in BITS:
-                est = estimate_memory(cfg, bits, MAX_SEQ_LEN, GROUP_SIZE, embedding_bits(bits, target), KV_BYTES[target])
+                est = estimate_memory(
+                    cfg, bits, MAX_SEQ_LEN, GROUP_SIZE, embedding_bits(bits, target), KV_BYTES[target]
+                )
                 weights = est.weight_bytes
                 if target == "executorch":
                     # XNNPACK keeps its own copy of the output projection beside the lookup table.
@@ -140,7 +145,9 @@ def main() -> None:
         (HERE / folder).mkdir(exist_ok=True)
         for target in TARGETS:
             for bits in BITS:
-                (HERE / folder / f"{target}-{bits}bit.toml").write_text(recipe_text(folder, preset_name, hub_id, target, bits))
+                (HERE / folder / f"{target}-{bits}bit.toml").write_text(
+                    recipe_text(folder, preset_name, hub_id, target, bits)
+                )
     (HERE / "README.md").write_text(README.format(table=memory_table()))
 
 

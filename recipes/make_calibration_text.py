@@ -11,10 +11,9 @@ Run once (`apt-get install bible-kjv`); the file is committed, so exports never 
 
 from __future__ import annotations
 
+import pydoc_data.topics
 import re
 from pathlib import Path
-
-import pydoc_data.topics
 
 from train_default_model import HELDOUT_EVERY, kjv_chapters
 

@@ -34,8 +34,15 @@ ASSETS = ROOT / "exporter" / "assets"
 # Deep and thin like the real family: 8 stored blocks run twice each (16 applied), GQA 3:1,
 # head_dim 64, every width a multiple of 32 so int4 group-32 quantization covers every layer.
 DEFAULT_CONFIG = ModelConfig(
-    dim=192, n_layers=8, n_heads=3, n_kv_heads=1, ffn_dim=512, vocab_size=2048,
-    max_context=512, share_embedding=True, sharing="immediate",
+    dim=192,
+    n_layers=8,
+    n_heads=3,
+    n_kv_heads=1,
+    ffn_dim=512,
+    vocab_size=2048,
+    max_context=512,
+    share_embedding=True,
+    sharing="immediate",
 )
 HELDOUT_EVERY = 40
 
@@ -63,10 +70,19 @@ def train_tokenizer(text: str, vocab_size: int, out: Path) -> spm.SentencePieceP
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text(text)
         spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(Path(tmp) / "tok"), vocab_size=vocab_size,
-            model_type="bpe", byte_fallback=True, character_coverage=1.0,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # the Llama-2 ids the runners expect
-            num_threads=2, minloglevel=2, split_digits=True,
+            input=str(corpus),
+            model_prefix=str(Path(tmp) / "tok"),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,  # the Llama-2 ids the runners expect
+            num_threads=2,
+            minloglevel=2,
+            split_digits=True,
         )
         shutil.copy(Path(tmp) / "tok.model", out)
     return spm.SentencePieceProcessor(model_file=str(out))
@@ -132,7 +148,11 @@ def main() -> None:
     for name, p in model.named_parameters():
         if p.ndim == 2 and not args.resume:
             # Scaled init for residual outputs keeps a 16-application stack stable.
-            std = 0.02 / math.sqrt(2 * DEFAULT_CONFIG.n_applied) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            std = (
+                0.02 / math.sqrt(2 * DEFAULT_CONFIG.n_applied)
+                if name.endswith(("o_proj.weight", "down_proj.weight"))
+                else 0.02
+            )
             torch.nn.init.normal_(p, std=std)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     budget = args.minutes * 60
@@ -154,7 +174,10 @@ def main() -> None:
         step += 1
         tokens_seen += batch[:, 1:].numel()
         if step % 50 == 0:
-            print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {tokens_seen / (time.time() - start):.0f} tok/s", flush=True)
+            print(
+                f"step {step} loss {loss.item():.3f} lr {lr:.2e} {tokens_seen / (time.time() - start):.0f} tok/s",
+                flush=True,
+            )
 
     model.eval()
     ppl = perplexity(model, eval_ids, args.seq_len)
@@ -162,7 +185,9 @@ def main() -> None:
     save_checkpoint(model, args.out, "hf-safetensors", torch.float16)
     print(f"trained {step} steps on {tokens_seen} tokens in {time.time() - start:.0f}s")
     shipped = perplexity(load_checkpoint(args.out).model, eval_ids, args.seq_len)
-    print(f"held-out perplexity {ppl:.2f} (fp32 weights), {shipped:.2f} (shipped fp16 weights) vs unigram baseline {uni:.2f}")
+    print(
+        f"held-out perplexity {ppl:.2f} (fp32 weights), {shipped:.2f} (shipped fp16 weights) vs unigram baseline {uni:.2f}"
+    )
 
 
 if __name__ == "__main__":

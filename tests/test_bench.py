@@ -7,16 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.speed import run_suite
+from conftest import random_model, tiny_config
 from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
 from mobilellm.exporter.checkpoint import save_checkpoint
-
-from conftest import random_model, tiny_config
 
 
 def test_bench_suite_rows(tmp_path: Path) -> None:
     model = random_model(tiny_config())
     save_checkpoint(model, tmp_path / "checkpoints" / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model")
-    result = run_suite(tmp_path, ["tiny"], ["onnx", "coreml"], [4], threads=1, prompt_tokens=16, decode_tokens=4, max_seq_len=64)
+    result = run_suite(
+        tmp_path, ["tiny"], ["onnx", "coreml"], [4], threads=1, prompt_tokens=16, decode_tokens=4, max_seq_len=64
+    )
     eager, onnx, coreml = result["rows"]
     assert (eager["target"], onnx["target"], coreml["target"]) == ("pytorch", "onnx", "coreml")
 

@@ -4,36 +4,40 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import random_model, run_cli, tiny_config
 from mobilellm.exporter.checkpoint import load_checkpoint, save_checkpoint
 from mobilellm.exporter.errors import UserError
 
-from conftest import random_model, run_cli, tiny_config
 
-
-@pytest.mark.parametrize("fmt,dtype,shards", [
-    ("hf-safetensors", torch.float16, 1),
-    ("hf-safetensors", torch.bfloat16, 3),
-    ("hf-bin", torch.float16, 1),
-    ("hf-bin", torch.bfloat16, 2),
-    ("training", torch.float32, 1),
-    ("pt", torch.float32, 1),
-])
+@pytest.mark.parametrize(
+    "fmt,dtype,shards",
+    [
+        ("hf-safetensors", torch.float16, 1),
+        ("hf-safetensors", torch.bfloat16, 3),
+        ("hf-bin", torch.float16, 1),
+        ("hf-bin", torch.bfloat16, 2),
+        ("training", torch.float32, 1),
+        ("pt", torch.float32, 1),
+    ],
+)
 def test_round_trip(tmp_path: Path, fmt: str, dtype: torch.dtype, shards: int, sharing: str) -> None:
     model = random_model(tiny_config(sharing=sharing))
     tok = tmp_path / "src" / "tokenizer.model"
     tok.parent.mkdir()
     tok.write_bytes(b"not really a tokenizer")
-    path = save_checkpoint(model, tmp_path / ("ckpt.pt" if fmt == "pt" else "ckpt"), fmt, dtype, tokenizer=tok, shards=shards)
+    path = save_checkpoint(
+        model, tmp_path / ("ckpt.pt" if fmt == "pt" else "ckpt"), fmt, dtype, tokenizer=tok, shards=shards
+    )
     config_json = None
     if fmt == "pt":
         config_json = tmp_path / "config.json"
         from mobilellm.exporter.checkpoint import config_to_hf
+
         config_json.write_text(json.dumps(config_to_hf(model.config)))
     loaded = load_checkpoint(path, config_json)
     assert loaded.config == model.config
@@ -50,6 +54,7 @@ def test_ignored_lm_head_is_accepted(tmp_path: Path) -> None:
     model = random_model(tiny_config())
     path = save_checkpoint(model, tmp_path / "ckpt", include_lm_head=True)
     from safetensors.torch import load_file
+
     assert "lm_head.weight" in load_file(path / "model.safetensors")
     loaded = load_checkpoint(path)
     assert loaded.model.lm_head is None
@@ -57,6 +62,7 @@ def test_ignored_lm_head_is_accepted(tmp_path: Path) -> None:
 
 def test_bare_state_dict_with_preset(tmp_path: Path) -> None:
     from mobilellm.exporter.config import preset
+
     cfg = preset("125M").replace(n_layers=1)  # keep it small, but a preset-shaped config
     model = random_model(cfg)
     path = save_checkpoint(model, tmp_path / "m.pt", "pt", torch.float16)
@@ -115,12 +121,15 @@ def test_config_contradicts_kv_heads(good_ckpt: Path) -> None:
     cfg = _config(good_ckpt)
     cfg["num_key_value_heads"] = 1
     _write_config(good_ckpt, cfg)
-    with pytest.raises(UserError, match=r"k_proj.weight is \(32, 64\), config implies \(16, 64\).*num_key_value_heads=2"):
+    with pytest.raises(
+        UserError, match=r"k_proj.weight is \(32, 64\), config implies \(16, 64\).*num_key_value_heads=2"
+    ):
         load_checkpoint(good_ckpt)
 
 
 def _rewrite_tensors(path: Path, edit) -> None:
     from safetensors.torch import load_file, save_file
+
     tensors = load_file(path / "model.safetensors")
     edit(tensors)
     save_file(tensors, path / "model.safetensors")
@@ -140,7 +149,9 @@ def test_unexpected_tensor_named(good_ckpt: Path) -> None:
 
 def test_misshaped_tensor_named(good_ckpt: Path) -> None:
     _rewrite_tensors(good_ckpt, lambda t: t.update({"model.layers.2.mlp.down_proj.weight": torch.zeros(64, 95)}))
-    with pytest.raises(UserError, match=r"model.layers.2.mlp.down_proj.weight is \(64, 95\), config implies \(64, 96\)"):
+    with pytest.raises(
+        UserError, match=r"model.layers.2.mlp.down_proj.weight is \(64, 95\), config implies \(64, 96\)"
+    ):
         load_checkpoint(good_ckpt)
 
 

@@ -60,14 +60,33 @@ def test_elementwise_norm_linear_ops(tmp_path: Path) -> None:
         return tiled, sm
 
     ev = _save(prog, tmp_path / "p.mlpackage")
-    assert set(ev.op_types) >= {"pow", "reduce_mean", "rsqrt", "add", "mul", "linear", "silu", "split", "reshape", "transpose", "tile", "concat", "cast", "softmax"}
+    assert set(ev.op_types) >= {
+        "pow",
+        "reduce_mean",
+        "rsqrt",
+        "add",
+        "mul",
+        "linear",
+        "silu",
+        "split",
+        "reshape",
+        "transpose",
+        "tile",
+        "concat",
+        "cast",
+        "softmax",
+    }
     x = RNG.normal(size=(1, 3, 8)).astype(np.float16)
     out = ev.predict({"x": x})
     tiled, sm = (out[n] for n in ev.output_names)
     assert tiled.dtype == np.float16  # fp16 where the program says fp16
     xt = torch.from_numpy(x.astype(np.float32))
     normed = xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + 1e-3 + 1e-6) * torch.from_numpy(g.astype(np.float32))
-    act = torch.nn.functional.silu(torch.nn.functional.linear(normed, torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32))))
+    act = torch.nn.functional.silu(
+        torch.nn.functional.linear(
+            normed, torch.from_numpy(w.astype(np.float32)), torch.from_numpy(b.astype(np.float32))
+        )
+    )
     a, c = act[..., :2], act[..., 2:]
     t = (c / 2 - 1).reshape(1, 3, 2, 2).permute(0, 2, 1, 3)
     _close(tiled, t.repeat(1, 2, 1, 1).numpy())
@@ -91,14 +110,18 @@ def test_state_slice_update_sdpa_gather(tmp_path: Path) -> None:
         emb = mb.gather(x=table, indices=mb.cast(x=ids, dtype="uint16"), axis=0)  # [1, 3, 4]
         n = mb.gather(x=mb.shape(x=ids), indices=1, axis=0)
         start = mb.sub(x=np.int32(5), y=n)
-        begin = mb.concat(values=[np.array([0, 0], np.int32), mb.expand_dims(x=start, axes=[0]), np.array([0], np.int32)], axis=0)
+        begin = mb.concat(
+            values=[np.array([0, 0], np.int32), mb.expand_dims(x=start, axes=[0]), np.array([0], np.int32)], axis=0
+        )
         end = mb.concat(values=[np.array([1, 2], np.int32), np.array([5], np.int32), np.array([4], np.int32)], axis=0)
         upd = mb.tile(x=mb.expand_dims(x=emb, axes=[0]), reps=[1, 2, 1, 1])  # [1, 2, 3, 4]
         new = mb.slice_update(x=mb.read_state(input=cache), update=upd, begin=begin, end=end)
         updated = mb.coreml_update_state(state=cache, value=new)  # serialized as write_state + read_state
         keys = mb.slice_by_index(x=updated, begin=[0, 0, 0, 0], end=[1, 2, 5, 4], end_mask=[True, True, False, True])
         att = mb.scaled_dot_product_attention(query=q, key=keys, value=keys, attn_mask=mask)
-        row = mb.squeeze(x=mb.slice_by_index(x=emb, begin=[0, 1, 0], end=[1, 2, 4], squeeze_mask=[True, False, False]), axes=[0])
+        row = mb.squeeze(
+            x=mb.slice_by_index(x=emb, begin=[0, 1, 0], end=[1, 2, 4], squeeze_mask=[True, False, False]), axes=[0]
+        )
         return att, row
 
     ev = _save(prog, tmp_path / "s.mlpackage")
@@ -117,7 +140,9 @@ def test_state_slice_update_sdpa_gather(tmp_path: Path) -> None:
     np.testing.assert_array_equal(state["cache"], expected_cache)  # written in place, exactly
     keys = torch.from_numpy(expected_cache[:, :, :5].astype(np.float32))
     allowed = torch.from_numpy(mask.astype(np.float32))
-    ref = torch.nn.functional.scaled_dot_product_attention(torch.from_numpy(q.astype(np.float32)), keys, keys, attn_mask=allowed)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        torch.from_numpy(q.astype(np.float32)), keys, keys, attn_mask=allowed
+    )
     _close(att, ref.numpy())
     np.testing.assert_array_equal(row, table[7])
 
@@ -161,7 +186,19 @@ def test_fp16_overflow_of_rms_statistics(tmp_path: Path) -> None:
     @mb.program(input_specs=[mb.TensorSpec(shape=(1, 4), dtype=types.fp16)], opset_version=ct.target.iOS18)
     def prog(x):
         def norm(v, eps):
-            return mb.mul(x=v, y=mb.rsqrt(x=mb.add(x=mb.reduce_mean(x=mb.pow(x=v, y=2.0 if v.dtype == types.fp32 else np.float16(2.0)), axes=[-1], keep_dims=True), y=eps)))
+            return mb.mul(
+                x=v,
+                y=mb.rsqrt(
+                    x=mb.add(
+                        x=mb.reduce_mean(
+                            x=mb.pow(x=v, y=2.0 if v.dtype == types.fp32 else np.float16(2.0)),
+                            axes=[-1],
+                            keep_dims=True,
+                        ),
+                        y=eps,
+                    )
+                ),
+            )
 
         x32 = mb.cast(x=x, dtype="fp32")
         return norm(x, np.float16(1e-5)), mb.cast(x=norm(x32, np.float32(1e-5)), dtype="fp16")
@@ -348,8 +385,10 @@ def _embedding_index_path(ev: CoreMLEvaluator, vocab: int) -> list[tuple[str, st
         return [d.constant.size for d in var_type.tensorType.dimensions]
 
     gather = next(
-        op for op in ops
-        if op.type == "gather" and op.inputs["x"].arguments[0].WhichOneof("binding") == "name"
+        op
+        for op in ops
+        if op.type == "gather"
+        and op.inputs["x"].arguments[0].WhichOneof("binding") == "name"
         and dims(producer[op.inputs["x"].arguments[0].name].outputs[0].type)[:1] == [vocab]
     )
     seen, todo = [], [gather.inputs["indices"].arguments[0].name]
@@ -374,6 +413,7 @@ def test_vocab_49152_exports_at_4_bits_and_matches_reference(tmp_path: Path) -> 
     (top-1 >= 0.99, cosine >= 0.998, perplexity within 1%), with token ids up to 49151 in the prompt."""
     import copy
 
+    from conftest import random_model, tiny_config
     from mobilellm.exporter.checkpoint import Checkpoint
     from mobilellm.exporter.export_model import ExportModel, ExportSettings
     from mobilellm.exporter.quantize import quantize_model
@@ -381,8 +421,6 @@ def test_vocab_49152_exports_at_4_bits_and_matches_reference(tmp_path: Path) -> 
     from mobilellm.exporter.targets.base import TargetOptions
     from mobilellm.validation.metrics import compare_logits, perplexity
     from mobilellm.validation.sequences import TorchRuntime, run_runtime
-
-    from conftest import random_model, tiny_config
 
     cfg = tiny_config(vocab_size=BIG_VOCAB, n_layers=2, sharing="immediate")
     ref = random_model(cfg)
@@ -402,7 +440,11 @@ def test_vocab_49152_exports_at_4_bits_and_matches_reference(tmp_path: Path) -> 
 
     # The fp32 reference with the package's weights: every constexpr output replaces the model weight of
     # its shape it is closest to (name-free, so it does not depend on the quantizer's const naming).
-    deq = [np.asarray(ev.const(op.outputs[0].name), np.float32) for op in ev.block.operations if op.type == "constexpr_blockwise_shift_scale"]
+    deq = [
+        np.asarray(ev.const(op.outputs[0].name), np.float32)
+        for op in ev.block.operations
+        if op.type == "constexpr_blockwise_shift_scale"
+    ]
     pkg_model = copy.deepcopy(model)
     weighted = [m for m in pkg_model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
     for m in weighted:
@@ -421,8 +463,14 @@ def test_vocab_49152_exports_at_4_bits_and_matches_reference(tmp_path: Path) -> 
     fp32 = run_runtime(TorchRuntime(model), toks, 16)
     assert got.shape == (24, BIG_VOCAB)
     m = compare_logits(got, want)
-    ppl = {"artifact": perplexity(got[:-1], toks[1:]), "package_weights_fp32": perplexity(want[:-1], toks[1:]), "reference_fp32": perplexity(fp32[:-1], toks[1:])}
-    print(f"\n[coreml vocab {BIG_VOCAB}] vs fp32-with-package-weights {m}; vs fp32 reference {compare_logits(got, fp32)}; ppl {ppl}")
+    ppl = {
+        "artifact": perplexity(got[:-1], toks[1:]),
+        "package_weights_fp32": perplexity(want[:-1], toks[1:]),
+        "reference_fp32": perplexity(fp32[:-1], toks[1:]),
+    }
+    print(
+        f"\n[coreml vocab {BIG_VOCAB}] vs fp32-with-package-weights {m}; vs fp32 reference {compare_logits(got, fp32)}; ppl {ppl}"
+    )
     assert m["top1_agreement"] >= 0.99, m
     assert m["cosine"] >= 0.998, m
     assert abs(ppl["artifact"] - ppl["package_weights_fp32"]) / ppl["package_weights_fp32"] < 0.01, ppl

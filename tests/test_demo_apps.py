@@ -42,7 +42,9 @@ CORE_TESTS_KT = ANDROID / "core-tests" / "CoreTests.kt"
 TOKENIZER = ROOT / "exporter" / "assets" / "default_model" / "tokenizer.model"
 
 # Kotlin: Manifest accessors called with a literal key path ("model.vocab_size").
-KT_ACCESSOR = re.compile(r"\b(string|int|long|double|bool|optBool|intList|stringList|tensors|fileEntries|has)\(\s*\"([A-Za-z0-9_.]+)\"\s*\)")
+KT_ACCESSOR = re.compile(
+    r"\b(string|int|long|double|bool|optBool|intList|stringList|tensors|fileEntries|has)\(\s*\"([A-Za-z0-9_.]+)\"\s*\)"
+)
 TENSOR_FIELDS = ("name", "dtype", "shape")
 FILE_FIELDS = ("sha256", "bytes")
 
@@ -97,7 +99,7 @@ def swift_manifest_keys() -> dict[str, bool]:
                     line = line.strip()
                     if not line.startswith("case "):
                         continue
-                    for item in line[len("case "):].split(","):
+                    for item in line[len("case ") :].split(","):
                         im = SWIFT_CASE_ITEM.match(item)
                         assert im, f"{path.name}: cannot read CodingKeys item {item!r}"
                         prop, raw = im.group(1), im.group(2) or im.group(1)
@@ -114,7 +116,7 @@ def _balanced_block(text: str, open_index: int) -> str:
         elif text[i] == "}":
             depth -= 1
             if depth == 0:
-                return text[open_index:i + 1]
+                return text[open_index : i + 1]
     raise AssertionError("unbalanced braces")
 
 
@@ -239,8 +241,20 @@ def test_apps_read_manifest_through_recognisable_accessors() -> None:
     # The names and numbers the brief requires the apps to take from manifest.json.
     for key in ("target", "artifact", "tokenizer", "bos_id", "eos_ids", "max_context", "vocab_size", "files"):
         assert key in kt, f"android_demo reads no '{key}' from manifest.json"
-    for key in ("target", "artifact", "tokenizer", "bos_id", "eos_ids", "max_context", "vocab_size",
-                "io.inputs[].name", "io.inputs[].dtype", "io.outputs[].name", "io.outputs[].dtype", "io.states[].name"):
+    for key in (
+        "target",
+        "artifact",
+        "tokenizer",
+        "bos_id",
+        "eos_ids",
+        "max_context",
+        "vocab_size",
+        "io.inputs[].name",
+        "io.inputs[].dtype",
+        "io.outputs[].name",
+        "io.outputs[].dtype",
+        "io.states[].name",
+    ):
         assert key in sw, f"ios_demo decodes no '{key}' from manifest.json"
 
 
@@ -268,7 +282,9 @@ def test_manifest_keys_exist_in_real_bundle(app: str, real_bundle: Path) -> None
 
 def test_apps_hard_code_no_bundle_names() -> None:
     """File names, Core ML tensor names and ids come from manifest.json, not from string literals."""
-    literals = re.compile(r"\"(model\.pte|model\.mlpackage|model\.onnx|tokenizer\.model|tokenizer\.json|tokens|input_pos|logits)\"")
+    literals = re.compile(
+        r"\"(model\.pte|model\.mlpackage|model\.onnx|tokenizer\.model|tokenizer\.json|tokens|input_pos|logits)\""
+    )
     offenders = []
     for path in android_sources() + swift_sources():
         for n, line in enumerate(_strip_comments(path.read_text()).splitlines(), 1):
@@ -282,7 +298,10 @@ def test_executorch_android_version_matches_exporter() -> None:
     gradle = (ANDROID / "app" / "build.gradle.kts").read_text()
     m = re.search(r"org\.pytorch:executorch-android:([0-9][^\"']*)", gradle)
     assert m, "app/build.gradle.kts does not depend on org.pytorch:executorch-android"
-    assert m.group(1) == importlib.metadata.version("executorch"), (m.group(1), importlib.metadata.version("executorch"))
+    assert m.group(1) == importlib.metadata.version("executorch"), (
+        m.group(1),
+        importlib.metadata.version("executorch"),
+    )
     ios_readme = (IOS / "README.md").read_text()
     assert f"swiftpm-{importlib.metadata.version('executorch')}" in ios_readme
 
@@ -292,7 +311,9 @@ def test_swift_sources_parse() -> None:
 
     Needs the `tree-sitter` and `tree-sitter-swift` packages (PyPI) in the test extras.
     """
-    ts = pytest.importorskip("tree_sitter", reason="pip install tree-sitter tree-sitter-swift to syntax-check the iOS demo")
+    ts = pytest.importorskip(
+        "tree_sitter", reason="pip install tree-sitter tree-sitter-swift to syntax-check the iOS demo"
+    )
     tss = pytest.importorskip("tree_sitter_swift", reason="pip install tree-sitter-swift to syntax-check the iOS demo")
     parser = ts.Parser(ts.Language(tss.language()))
     problems = []
@@ -317,13 +338,32 @@ def tokenizer_cases() -> list[dict[str, Any]]:
     heldout = (ROOT / "exporter" / "assets" / "heldout.txt").read_text()
     texts = [s.strip() for s in re.split(r"(?<=[.;:?!])\s+", heldout) if s.strip()][:300]
     texts += [
-        "", " ", "hello", "  leading and   inner   spaces  ", "tabs\tand\nnewlines\r\nhere", "Numbers 12345 and 3.14159",
-        "café naïve résumé", "Grüße aus Köln", "日本語のテキスト", "emoji 🙂👍🏽 done", "ﬁne ligature and ＡＢＣ full width",
-        "x" * 200, "The LORD said unto Moses,", "punctuation!?;:'\"()[]{}<>", "<s> and </s> are text here", "ĀāĂăĄą ǅ",
-        "mixed 中文 and English", "\u00a0non-breaking\u00a0space", "a\u0301 combining accent", "zero\u200bwidth",
+        "",
+        " ",
+        "hello",
+        "  leading and   inner   spaces  ",
+        "tabs\tand\nnewlines\r\nhere",
+        "Numbers 12345 and 3.14159",
+        "café naïve résumé",
+        "Grüße aus Köln",
+        "日本語のテキスト",
+        "emoji 🙂👍🏽 done",
+        "ﬁne ligature and ＡＢＣ full width",
+        "x" * 200,
+        "The LORD said unto Moses,",
+        "punctuation!?;:'\"()[]{}<>",
+        "<s> and </s> are text here",
+        "ĀāĂăĄą ǅ",
+        "mixed 中文 and English",
+        "\u00a0non-breaking\u00a0space",
+        "a\u0301 combining accent",
+        "zero\u200bwidth",
         # sentencepiece's nmt_nfkc rules: removed controls, extra spaces, and characters it keeps
-        "ctl\x01\x08\x0b\x0e\x1f\x7f\x8f\x9f end", "sp\u1680\u200c\u200e\u200f\u2028\u2029\u2581\ufeff\ufffd end",
-        "kept\u200d\u00ad\u0085\u2060\u180e end", "wide\u3000\u2007\u202f\u205f\u2000 spaces", "\t\n  \r\n",
+        "ctl\x01\x08\x0b\x0e\x1f\x7f\x8f\x9f end",
+        "sp\u1680\u200c\u200e\u200f\u2028\u2029\u2581\ufeff\ufffd end",
+        "kept\u200d\u00ad\u0085\u2060\u180e end",
+        "wide\u3000\u2007\u202f\u205f\u2000 spaces",
+        "\t\n  \r\n",
     ]
     cases = []
     for t in texts:
@@ -369,10 +409,16 @@ def test_android_kotlin_compiles_and_core_tests_pass(tmp_path: Path, request: py
     sources = [str(p) for p in android_sources()] + [str(CORE_TESTS_KT)]
     jar = tmp_path / "app.jar"
     t0 = time.time()
-    proc = subprocess.run([kotlinc, "-cp", str(stubs), *sources, "-d", str(jar)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [kotlinc, "-cp", str(stubs), *sources, "-d", str(jar)], capture_output=True, text=True, timeout=900
+    )
     compile_s = time.time() - t0
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if ": error:" in line or line.startswith("error:")]
-    assert proc.returncode == 0 and jar.is_file(), f"kotlinc failed ({compile_s:.0f}s):\n" + "\n".join(errors or [proc.stderr[-4000:]])
+    errors = [
+        line for line in (proc.stdout + proc.stderr).splitlines() if ": error:" in line or line.startswith("error:")
+    ]
+    assert proc.returncode == 0 and jar.is_file(), f"kotlinc failed ({compile_s:.0f}s):\n" + "\n".join(
+        errors or [proc.stderr[-4000:]]
+    )
     print(f"kotlinc compiled {len(sources)} files in {compile_s:.1f}s")
 
     cases = tmp_path / "cases.json"
@@ -382,9 +428,20 @@ def test_android_kotlin_compiles_and_core_tests_pass(tmp_path: Path, request: py
     except pytest.fail.Exception:
         bundle_args = []
     run = subprocess.run(
-        [java, "-cp", os.pathsep.join([str(jar), kotlin_classpath_stdlib()]), "org.mobilellm.demo.core.tests.CoreTestsKt",
-         "--tokenizer", str(TOKENIZER), "--cases", str(cases), *bundle_args],
-        capture_output=True, text=True, timeout=300,
+        [
+            java,
+            "-cp",
+            os.pathsep.join([str(jar), kotlin_classpath_stdlib()]),
+            "org.mobilellm.demo.core.tests.CoreTestsKt",
+            "--tokenizer",
+            str(TOKENIZER),
+            "--cases",
+            str(cases),
+            *bundle_args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     print(run.stdout)
     assert run.returncode == 0, f"Kotlin core tests failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import random_model, tiny_config
 from mobilellm.exporter.export_model import ExportModel, ExportSettings, run_sequence, unique_storages
 from mobilellm.exporter.quantize import QuantScheme, WeightQuant, fake_quantized_twin, quantize_model
-
-from conftest import random_model, tiny_config
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -70,6 +69,7 @@ def test_exported_graph_references_each_shared_weight_once(tokens: torch.Tensor)
 
 def test_max_seq_len_is_checked() -> None:
     from mobilellm.exporter.errors import UserError
+
     with pytest.raises(UserError, match="--max-seq-len"):
         ExportModel.from_reference(random_model(tiny_config()), ExportSettings(max_seq_len=4096))
 

@@ -11,21 +11,25 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_model, tiny_config
 from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.export_model import ExportModel, ExportSettings
 from mobilellm.exporter.quantize import QuantScheme, WeightQuant, fake_quantized_twin, quantize_model
 from mobilellm.validation.metrics import compare_logits, compare_top_k, perplexity, top_k
-from mobilellm.validation.parity import (Golden, ReferenceRuntime, compute_golden, resolve_thresholds, run_parity)
+from mobilellm.validation.parity import Golden, ReferenceRuntime, compute_golden, resolve_thresholds, run_parity
 from mobilellm.validation.reports import SCHEMA_PATH, report_dict, write_reports
 from mobilellm.validation.sequences import TorchRuntime
-
-from conftest import random_model, tiny_config
 
 
 def test_metrics_on_known_values() -> None:
     e = np.array([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]])
     m = compare_logits(e, e)
-    assert m["max_abs"] == 0 and m["top1_agreement"] == 1 and abs(m["cosine"] - 1) < 1e-12 and abs(m["kl_divergence"]) < 1e-12
+    assert (
+        m["max_abs"] == 0
+        and m["top1_agreement"] == 1
+        and abs(m["cosine"] - 1) < 1e-12
+        and abs(m["kl_divergence"]) < 1e-12
+    )
     a = np.array([[0.0, 1.0, 2.5], [0.0, 3.0, 0.0]])
     m = compare_logits(a, e)
     assert m["max_abs"] == 3.0 and m["top1_agreement"] == 0.5
@@ -53,7 +57,9 @@ def test_top_k_kl_is_a_tight_lower_bound_and_decisive_top1_ignores_near_ties() -
 def setup():
     ref = random_model(tiny_config(sharing="immediate"))
     model = ExportModel.from_reference(ref, ExportSettings(max_seq_len=64))
-    twin = fake_quantized_twin(model, quantize_model(model, QuantScheme(WeightQuant(4, 32), WeightQuant(8), WeightQuant(8))))
+    twin = fake_quantized_twin(
+        model, quantize_model(model, QuantScheme(WeightQuant(4, 32), WeightQuant(8), WeightQuant(8)))
+    )
     tokens = np.random.default_rng(0).integers(3, 160, 80)
     golden = compute_golden({"reference": ReferenceRuntime(ref), "twin": TorchRuntime(twin)}, tokens, 64)
     return ref, model, twin, golden
@@ -72,8 +78,11 @@ def test_golden_round_trip(tmp_path: Path, setup) -> None:
 
 def test_fp32_export_model_passes_16_bit_thresholds_against_reference(setup) -> None:
     _, model, _, golden = setup
-    result = run_parity(TorchRuntime(model), golden, {"reference.top1_agreement": 1.0, "reference.min_cosine": 0.99999,
-                                                      "reference.max_abs": 1e-4})
+    result = run_parity(
+        TorchRuntime(model),
+        golden,
+        {"reference.top1_agreement": 1.0, "reference.min_cosine": 0.99999, "reference.max_abs": 1e-4},
+    )
     assert result.passed, result.failures()
     assert result.generation["match_vs_reference"] == result.generation["tokens"]
 
@@ -88,6 +97,7 @@ def test_twin_against_itself_is_exact(setup) -> None:
 def test_perturbed_block_fails_and_names_metric_and_step(setup, tmp_path: Path) -> None:
     _, model, _, golden = setup
     import copy
+
     bad = copy.deepcopy(model)
     with torch.no_grad():
         bad.blocks[1].w2.weight.mul_(3.0)  # one block scaled
@@ -98,7 +108,9 @@ def test_perturbed_block_fails_and_names_metric_and_step(setup, tmp_path: Path) 
     msg = result.failures()[0]
     assert "threshold" in msg and "at step" in msg
 
-    report = report_dict(result, {"bundle": "b", "target": "onnx", "bits": 4, "embedding_bits": 8}, resolve_thresholds(4))
+    report = report_dict(
+        result, {"bundle": "b", "target": "onnx", "bits": 4, "embedding_bits": 8}, resolve_thresholds(4)
+    )
     paths = write_reports(report, tmp_path)
     jsonschema.validate(json.loads(paths[0].read_text()), json.loads(SCHEMA_PATH.read_text()))
     md = paths[1].read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import random_model, tiny_config
 from mobilellm.exporter.assets import calibration_text, heldout_text
 from mobilellm.exporter.export_model import ExportModel, ExportSettings
 from mobilellm.exporter.quantize import (
@@ -18,14 +19,15 @@ from mobilellm.exporter.quantize import (
     quantize_model,
 )
 
-from conftest import random_model, tiny_config
-
 
 def _weights(rows: int = 64, cols: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # Heavy-ish tails and a per-row offset, as trained weights have.
-    return torch.randn(rows, cols, generator=g) * 0.05 + torch.randn(rows, 1, generator=g) * 0.01 + \
-        torch.randn(rows, cols, generator=g).pow(3) * 0.01
+    return (
+        torch.randn(rows, cols, generator=g) * 0.05
+        + torch.randn(rows, 1, generator=g) * 0.01
+        + torch.randn(rows, cols, generator=g).pow(3) * 0.01
+    )
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -82,7 +84,8 @@ def test_quantize_model_stores_shared_blocks_once_and_the_twin_holds_exactly_its
     assert quantized.method == "gptq"
     n_blocks = model.config.n_layers
     assert sorted(k for k in quantized.weights if k.startswith("blocks.")) == sorted(
-        f"blocks.{b}.{n}.weight" for b in range(n_blocks) for n in ("wqkv", "wo", "w13", "w2"))
+        f"blocks.{b}.{n}.weight" for b in range(n_blocks) for n in ("wqkv", "wo", "w13", "w2")
+    )
     twin = fake_quantized_twin(model, quantized)
     assert torch.equal(twin.blocks[1].w13.weight, quantized.dequantized("blocks.1.w13.weight"))
     assert torch.equal(twin.tok_embeddings.weight, quantized.dequantized("tok_embeddings.weight"))
@@ -94,7 +97,9 @@ def test_shared_block_hessian_sees_every_application() -> None:
     tokens = [torch.randint(0, 160, (20,), generator=torch.Generator().manual_seed(0))]
     hessians = collect_hessians(model, tokens)
     seen: list[torch.Tensor] = []
-    hook = model.blocks[0].wqkv.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    hook = model.blocks[0].wqkv.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
     model.reset_cache()
     model(tokens[0][None], torch.tensor([0]))
     hook.remove()
@@ -121,3 +126,16 @@ def test_method_round_trips_through_the_manifest() -> None:
     method = QuantMethod(scale_rule="signed_extreme", asymmetric=False, gptq=False, calibration_tokens=512)
     assert QuantMethod.from_dict(method.to_dict()) == method
     assert QuantMethod.from_dict({}).to_dict() == QuantMethod().to_dict()
+
+
+def test_a_target_whose_runtime_is_missing_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from mobilellm.exporter.errors import UserError
+    from mobilellm.exporter.targets import available_targets, load_target
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real(name, *a))
+    assert available_targets() == ["executorch", "onnx"]
+    with pytest.raises(UserError, match="the coreml target needs the coremltools package"):
+        load_target("coreml")

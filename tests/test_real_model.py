@@ -39,7 +39,9 @@ def real_dir() -> Path:
 @pytest.fixture(scope="module")
 def onnx_bundle(real_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("real_onnx")
-    code = invoke_cli(["--checkpoint", str(real_dir), "--target", "onnx", "--bits", "4", "--output", str(out), "--name", "real"])
+    code = invoke_cli(
+        ["--checkpoint", str(real_dir), "--target", "onnx", "--bits", "4", "--output", str(out), "--name", "real"]
+    )
     assert code == 0, "the default 4-bit ONNX export of the real model failed its parity gate"
     return out / "real-onnx-4bit"
 
@@ -87,8 +89,23 @@ def test_an_artifact_of_a_damaged_checkpoint_fails_the_gate(real_dir: Path, tmp_
     out = tmp_path / "out"
     # Exported without parity (round to nearest: fast), then checked as a release pipeline would,
     # against the good checkpoint's reference and twin.
-    code = invoke_cli(["--checkpoint", str(damaged), "--target", "onnx", "--bits", "4", "--quant-method", "rtn",
-                       "--no-parity", "--output", str(out), "--name", "damaged"])
+    code = invoke_cli(
+        [
+            "--checkpoint",
+            str(damaged),
+            "--target",
+            "onnx",
+            "--bits",
+            "4",
+            "--quant-method",
+            "rtn",
+            "--no-parity",
+            "--output",
+            str(out),
+            "--name",
+            "damaged",
+        ]
+    )
     assert code == 0
     code = invoke_cli(["validate", str(out / "damaged-onnx-4bit"), "--checkpoint", str(real_dir)])
     err = capsys.readouterr()

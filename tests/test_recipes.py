@@ -8,11 +8,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from conftest import random_model, run_cli, tiny_config
 from mobilellm.exporter.config import preset
 from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.recipe import load_recipe
-
-from conftest import random_model, run_cli, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*/*.toml"))
@@ -20,7 +19,10 @@ RECIPES = sorted((ROOT / "recipes").glob("*/*.toml"))
 
 def _export_choices(path: Path) -> tuple:
     recipe = load_recipe(path)
-    return (tuple(sorted((k, v) for k, v in recipe.export.items() if k != "max_seq_len")), tuple(sorted(recipe.thresholds.items())))
+    return (
+        tuple(sorted((k, v) for k, v in recipe.export.items() if k != "max_seq_len")),
+        tuple(sorted(recipe.thresholds.items())),
+    )
 
 
 # Recipes differ in the model (checked by test_recipe_refuses_another_model) and in max_seq_len; the
@@ -32,8 +34,15 @@ for _path in RECIPES:
 
 def test_one_recipe_per_model_target_bits() -> None:
     models = {p.parent.name for p in RECIPES}
-    assert models == {"MobileLLM-125M", "MobileLLM-350M", "MobileLLM-600M", "MobileLLM-1B", "MobileLLM-1.5B",
-                      "MobileLLM-LS-125M", "MobileLLM-LS-350M"}
+    assert models == {
+        "MobileLLM-125M",
+        "MobileLLM-350M",
+        "MobileLLM-600M",
+        "MobileLLM-1B",
+        "MobileLLM-1.5B",
+        "MobileLLM-LS-125M",
+        "MobileLLM-LS-350M",
+    }
     assert len(RECIPES) == len(models) * 3 * 3
 
 
@@ -77,16 +86,22 @@ def test_recipe_refuses_another_model(capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 2 and "the checkpoint is not MobileLLM-125M" in err and "dim 192 (recipe: 576)" in err
 
 
-def test_flags_override_the_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_flags_override_the_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The options the CLI resolves: flag if given, else the recipe's value, else the default."""
     import mobilellm.exporter.pipeline as pipeline
 
-    recipe = _write(tmp_path, '[model]\npreset = "125M"\n[export]\ntarget = "onnx"\nbits = 8\nmax_seq_len = 2048\n'
-                              '[parity.thresholds]\n"twin.top1_agreement" = 0.9\n')
+    recipe = _write(
+        tmp_path,
+        '[model]\npreset = "125M"\n[export]\ntarget = "onnx"\nbits = 8\nmax_seq_len = 2048\n'
+        '[parity.thresholds]\n"twin.top1_agreement" = 0.9\n',
+    )
     seen: dict = {}
     monkeypatch.setattr(pipeline, "run_export", lambda options: seen.update(vars(options)) or [])
-    code, _, err = run_cli(["--recipe", str(recipe), "--bits", "4", "--max-seq-len", "256",
-                            "--threshold", "twin.min_cosine=0.9"], capsys)
+    code, _, err = run_cli(
+        ["--recipe", str(recipe), "--bits", "4", "--max-seq-len", "256", "--threshold", "twin.min_cosine=0.9"], capsys
+    )
     assert code == 0, err
     assert (seen["bits"], seen["targets"], seen["max_seq_len"], seen["group_size"]) == (4, ["onnx"], 256, 32)
     assert seen["thresholds"] == {"twin.top1_agreement": 0.9, "twin.min_cosine": 0.9}
@@ -94,24 +109,43 @@ def test_flags_override_the_recipe(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 @pytest.mark.parametrize("recipes", list(RECIPE_GROUPS.values()), ids=lambda g: g[0].stem)
-def test_recipe_exports_a_bundle_matching_the_schema(recipes: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recipe_exports_a_bundle_matching_the_schema(
+    recipes: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each group's export choices, through `--recipe` as users run it, on a tiny checkpoint (the
     model check is lifted: real sizes are exported by `make bench`); the manifest meets the schema."""
     from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
     from mobilellm.exporter.checkpoint import save_checkpoint
     from mobilellm.exporter.recipe import Recipe
 
-    ckpt = save_checkpoint(random_model(tiny_config(n_layers=1)), tmp_path / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model")
+    ckpt = save_checkpoint(
+        random_model(tiny_config(n_layers=1)), tmp_path / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model"
+    )
     monkeypatch.setattr(Recipe, "check_matches", lambda self, cfg: None)
     recipe = load_recipe(recipes[0])
-    code, out, err = run_cli(["--recipe", str(recipes[0]), "--checkpoint", str(ckpt), "--max-seq-len", "64", "--no-parity",
-                              "--output", str(tmp_path / "dist")], capsys)
+    code, out, err = run_cli(
+        [
+            "--recipe",
+            str(recipes[0]),
+            "--checkpoint",
+            str(ckpt),
+            "--max-seq-len",
+            "64",
+            "--no-parity",
+            "--output",
+            str(tmp_path / "dist"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     (bundle,) = (tmp_path / "dist").iterdir()
     manifest = json.loads((bundle / "manifest.json").read_text())
     jsonschema.validate(manifest, json.loads((ROOT / "exporter" / "schemas" / "manifest.schema.json").read_text()))
     assert bundle.name == f"{recipe.name}-{recipe.export['target']}-{recipe.export['bits']}bit"
     assert (manifest["target"], manifest["bits"], manifest["group_size"], manifest["embedding_bits"]) == (
-        recipe.export["target"], recipe.export["bits"], recipe.export["group_size"], recipe.export["embedding_bits"])
+        recipe.export["target"],
+        recipe.export["bits"],
+        recipe.export["group_size"],
+        recipe.export["embedding_bits"],
+    )
     assert manifest["max_context"] == 64  # the flag overrides the recipe

@@ -6,10 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import random_model, tiny_config
 from mobilellm.exporter.config import PRESETS, preset
 from mobilellm.exporter.model import KVState
-
-from conftest import random_model, tiny_config
 
 
 def hf_llama_unrolled(model) -> LlamaForCausalLM:
@@ -17,10 +16,18 @@ def hf_llama_unrolled(model) -> LlamaForCausalLM:
     cfg = model.config
     schedule = cfg.schedule()
     hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=len(schedule), num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_context,
-        tie_word_embeddings=cfg.share_embedding, attention_bias=False, mlp_bias=False,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=len(schedule),
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_context,
+        tie_word_embeddings=cfg.share_embedding,
+        attention_bias=False,
+        mlp_bias=False,
     )
     hf = LlamaForCausalLM(hf_cfg).eval()
     ours = model.state_dict()
@@ -28,7 +35,7 @@ def hf_llama_unrolled(model) -> LlamaForCausalLM:
     for slot, block in enumerate(schedule):
         for key, value in ours.items():
             if key.startswith(f"layers.{block}."):
-                state["model.layers." + str(slot) + key[len(f"layers.{block}"):]] = value
+                state["model.layers." + str(slot) + key[len(f"layers.{block}") :]] = value
     state["lm_head.weight"] = model.output_weight()
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
@@ -76,8 +83,13 @@ def test_schedules() -> None:
 
 
 def test_presets_match_the_paper() -> None:
-    table = {"125M": (576, 30, 9, 3, 1536), "350M": (960, 32, 15, 5, 2560), "600M": (1152, 40, 18, 6, 3072),
-             "1B": (1280, 54, 20, 5, 3584), "1.5B": (1600, 54, 25, 5, 4352)}
+    table = {
+        "125M": (576, 30, 9, 3, 1536),
+        "350M": (960, 32, 15, 5, 2560),
+        "600M": (1152, 40, 18, 6, 3072),
+        "1B": (1280, 54, 20, 5, 3584),
+        "1.5B": (1600, 54, 25, 5, 4352),
+    }
     for name, (dim, layers, heads, kv, ffn) in table.items():
         cfg = preset(name)
         assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (dim, layers, heads, kv, ffn)
@@ -94,4 +106,4 @@ def test_greedy_generation_matches_full_recompute() -> None:
     seq = list(prompt)
     for _ in range(6):
         seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    assert out == seq[len(prompt):]
+    assert out == seq[len(prompt) :]

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import invoke_cli, random_model, tiny_config
 from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
 from mobilellm.exporter.checkpoint import save_checkpoint
-
-from conftest import invoke_cli, random_model, tiny_config
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -18,12 +17,23 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("target", ["executorch", "onnx", "coreml"])
 def test_same_input_gives_same_bytes(tmp_path: Path, target: str) -> None:
-    ckpt = save_checkpoint(random_model(tiny_config(n_layers=1)), tmp_path / "tiny",
-                           tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model")
+    ckpt = save_checkpoint(
+        random_model(tiny_config(n_layers=1)), tmp_path / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model"
+    )
     trees = []
     for run in ("a", "b"):
-        args = ["--checkpoint", str(ckpt), "--target", target, "--bits", "4", "--max-seq-len", "32",
-                "--output", str(tmp_path / run)]
+        args = [
+            "--checkpoint",
+            str(ckpt),
+            "--target",
+            target,
+            "--bits",
+            "4",
+            "--max-seq-len",
+            "32",
+            "--output",
+            str(tmp_path / run),
+        ]
         # A random 4-bit tiny model may miss the reference thresholds (exit 1); the bundle is still
         # complete, and its bytes are what this test is about.
         assert invoke_cli(args) in (0, 1)

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import random_model, tiny_config
 from mobilellm.exporter.checkpoint import config_to_hf, fold_shared_blocks, load_checkpoint, save_checkpoint
 from mobilellm.exporter.model import KVState, MobileLLM
-
-from conftest import random_model, tiny_config
 
 STRATEGIES = ("immediate", "repeat_all", "reverse")
 
@@ -26,12 +25,14 @@ def unrolled(shared: MobileLLM) -> MobileLLM:
     state = {k: v.clone() for k, v in ours.items() if not k.startswith(("layers.", "rope_"))}
     for slot, block in enumerate(schedule):
         prefix = f"layers.{block}."
-        state.update({f"layers.{slot}.{k[len(prefix):]}": v.clone() for k, v in ours.items() if k.startswith(prefix)})
+        state.update({f"layers.{slot}.{k[len(prefix) :]}": v.clone() for k, v in ours.items() if k.startswith(prefix)})
     flat.load_state_dict(state, strict=True)
     return flat
 
 
-def flat_checkpoint(tmp_path: Path, strategy: str, n_blocks: int = 4, seed: int = 0, **save: object) -> tuple[MobileLLM, Path]:
+def flat_checkpoint(
+    tmp_path: Path, strategy: str, n_blocks: int = 4, seed: int = 0, **save: object
+) -> tuple[MobileLLM, Path]:
     shared = random_model(tiny_config(n_layers=n_blocks, sharing=strategy), seed=seed)
     return shared, save_checkpoint(unrolled(shared), tmp_path / f"flat-{strategy}", **save)
 
@@ -41,13 +42,20 @@ def stack(blocks: list[MobileLLM]) -> MobileLLM:
     model = MobileLLM(tiny_config(n_layers=len(blocks))).eval().requires_grad_(False)
     state = {k: v.clone() for k, v in blocks[0].state_dict().items() if not k.startswith(("layers.", "rope_"))}
     for slot, src in enumerate(blocks):
-        state.update({k.replace("layers.0.", f"layers.{slot}.", 1): v.clone() for k, v in src.state_dict().items() if k.startswith("layers.0.")})
+        state.update(
+            {
+                k.replace("layers.0.", f"layers.{slot}.", 1): v.clone()
+                for k, v in src.state_dict().items()
+                if k.startswith("layers.0.")
+            }
+        )
     model.load_state_dict(state, strict=True)
     return model
 
 
 def edit_tensors(path: Path, edit) -> None:
     from safetensors.torch import load_file, save_file
+
     tensors = load_file(path / "model.safetensors")
     edit(tensors)
     save_file(tensors, path / "model.safetensors")
@@ -59,7 +67,9 @@ def tokens() -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- folded
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("fmt,dtype", [("hf-safetensors", torch.float16), ("hf-bin", torch.bfloat16), ("training", torch.float32)])
+@pytest.mark.parametrize(
+    "fmt,dtype", [("hf-safetensors", torch.float16), ("hf-bin", torch.bfloat16), ("training", torch.float32)]
+)
 def test_unrolled_stack_is_folded(tmp_path: Path, strategy: str, fmt: str, dtype: torch.dtype) -> None:
     shared, path = flat_checkpoint(tmp_path, strategy, fmt=fmt, dtype=dtype)
     assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 8
@@ -73,7 +83,10 @@ def test_unrolled_stack_is_folded(tmp_path: Path, strategy: str, fmt: str, dtype
     assert len(folded.model.layers) == 4  # each stored block's weights once
     assert flat.config.n_layers == 8 and flat.config.sharing == "none" and flat.sharing_detected is None
     assert folded.sharing_detected is not None
-    assert folded.sharing_detected.startswith("layers 0-7 hold 4 blocks") and f"loaded as {strategy} sharing" in folded.sharing_detected
+    assert (
+        folded.sharing_detected.startswith("layers 0-7 hold 4 blocks")
+        and f"loaded as {strategy} sharing" in folded.sharing_detected
+    )
     for name, value in shared.state_dict().items():  # the stored blocks are the original blocks
         if not name.startswith("rope_"):
             assert torch.equal(folded.model.state_dict()[name], value.to(dtype).float()), name
@@ -95,8 +108,10 @@ def test_sixty_layers_of_immediate_pairs(tmp_path: Path) -> None:
     path = save_checkpoint(unrolled(shared), tmp_path / "ls60", dtype=torch.float32)
     ckpt = load_checkpoint(path)
     assert (ckpt.config.n_layers, ckpt.config.sharing, ckpt.config.n_applied) == (30, "immediate", 60)
-    assert ckpt.sharing_detected == ("layers 0-59 hold 30 blocks each applied twice in a row "
-                                     "(layer 2k == layer 2k+1, byte-identical): loaded as immediate sharing, weights stored once")
+    assert ckpt.sharing_detected == (
+        "layers 0-59 hold 30 blocks each applied twice in a row "
+        "(layer 2k == layer 2k+1, byte-identical): loaded as immediate sharing, weights stored once"
+    )
     x = torch.randint(0, 32, (1, 7), generator=torch.Generator().manual_seed(3))
     assert torch.equal(ckpt.model(x), load_checkpoint(path, detect_shared_blocks=False).model(x))
 
@@ -106,7 +121,13 @@ def test_bare_state_dict_with_aliased_layers(tmp_path: Path) -> None:
     shared = random_model(tiny_config(n_layers=2, sharing="repeat_all"))
     state = {"model.embed_tokens.weight": shared.embed_tokens.weight, "model.norm.weight": shared.norm.weight}
     for slot, block in enumerate(shared.config.schedule()):
-        state.update({f"model.layers.{slot}.{k.split('.', 2)[2]}": v for k, v in shared.state_dict().items() if k.startswith(f"layers.{block}.")})
+        state.update(
+            {
+                f"model.layers.{slot}.{k.split('.', 2)[2]}": v
+                for k, v in shared.state_dict().items()
+                if k.startswith(f"layers.{block}.")
+            }
+        )
     torch.save(state, tmp_path / "m.pt")
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(shared.config.replace(n_layers=4, sharing="none"))))
     ckpt = load_checkpoint(tmp_path / "m.pt", tmp_path / "config.json")
@@ -143,7 +164,9 @@ def test_partial_match_is_not_folded(tmp_path: Path, where: str) -> None:
         if where == "first":  # pair (0, 1) differs in one whole tensor
             t["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"] + 1.0
         elif where == "last":  # only the last pair's norm differs
-            t["model.layers.7.post_attention_layernorm.weight"] = t["model.layers.7.post_attention_layernorm.weight"] * 1.5
+            t["model.layers.7.post_attention_layernorm.weight"] = (
+                t["model.layers.7.post_attention_layernorm.weight"] * 1.5
+            )
         else:  # one element of one tensor, one ulp: not in the sampled fingerprint, caught by the full compare
             w = t["model.layers.5.mlp.down_proj.weight"].clone()
             w.view(-1)[-2] = torch.nextafter(w.view(-1)[-2], torch.tensor(1.0))
@@ -217,7 +240,9 @@ def test_inspect_reports_detection(tmp_path: Path) -> None:
     text = describe(path, ops=False)
     assert "4 stored blocks, 8 applied" in text
     assert "layer sharing   reverse (block order 0,1,2,3,3,2,1,0)" in text
-    assert "detected: layers 0-7 hold 4 blocks applied in order then in reverse (layer i == layer 7-i, byte-identical): " \
-           "loaded as reverse sharing" in text
+    assert (
+        "detected: layers 0-7 hold 4 blocks applied in order then in reverse (layer i == layer 7-i, byte-identical): "
+        "loaded as reverse sharing" in text
+    )
     plain = describe(path, ops=False, detect_shared_blocks=False)
     assert "8 stored blocks, 8 applied" in plain and "detected:" not in plain

@@ -18,6 +18,7 @@ import torch
 
 pytest.importorskip("coremltools")
 
+from conftest import default_model_dir, random_model, tiny_config  # noqa: E402
 from mobilellm.exporter.checkpoint import Checkpoint  # noqa: E402
 from mobilellm.exporter.export_model import ExportModel, ExportSettings  # noqa: E402
 from mobilellm.exporter.quantize import QuantMethod, fake_quantized_twin, quantize_model  # noqa: E402
@@ -26,8 +27,6 @@ from mobilellm.exporter.targets.base import ExportedArtifact, TargetOptions  # n
 from mobilellm.validation.coreml_eval import CoreMLEvaluator, read_spec  # noqa: E402
 from mobilellm.validation.metrics import compare_logits, perplexity  # noqa: E402
 from mobilellm.validation.sequences import TorchRuntime, run_runtime  # noqa: E402
-
-from conftest import default_model_dir, random_model, tiny_config  # noqa: E402
 
 MAX_SEQ = 32
 PREFILL, DECODE = 16, 8
@@ -56,7 +55,9 @@ class Exported:
         self.ref = random_model(cfg)
         self.model = ExportModel.from_reference(self.ref, ExportSettings(max_seq_len=MAX_SEQ))
         self.opts = TargetOptions(bits=bits, max_seq_len=MAX_SEQ)
-        self.quantized = quantize_model(self.model, coreml.quant_scheme(self.opts))  # deterministic: every worker gets the same codes
+        self.quantized = quantize_model(
+            self.model, coreml.quant_scheme(self.opts)
+        )  # deterministic: every worker gets the same codes
         self.bundle = root / key
         done = root / f"{key}.artifact.json"
         with FileLock(str(root / f"{key}.lock")):
@@ -64,7 +65,9 @@ class Exported:
                 tok = default_model_dir() / "tokenizer.model"
                 ckpt = Checkpoint(cfg, self.ref, tok if tok.is_file() else None, root / "ckpt.pt", "pt", "float32")
                 art = coreml.export(self.model, self.quantized, ckpt, self.opts, self.bundle)
-                done.write_text(json.dumps({"target": art.target, "files": art.files, "io": art.io, "info": art.info}, default=str))
+                done.write_text(
+                    json.dumps({"target": art.target, "files": art.files, "io": art.io, "info": art.info}, default=str)
+                )
         raw = json.loads(done.read_text())
         self.artifact = ExportedArtifact(**raw)
         self.package = self.bundle / self.artifact.files[0]
@@ -110,7 +113,12 @@ def test_saved_package_matches_twin_and_reference(exported: Exports, key: str) -
     vs_twin, vs_ref = compare_logits(got, twin), compare_logits(got, ref)
     toks = _tokens()
     ppl = {name: perplexity(x[:-1], toks[1:]) for name, x in (("artifact", got), ("twin", twin), ("reference", ref))}
-    RESULTS[key] = {"vs_twin": vs_twin, "vs_reference": vs_ref, "perplexity": ppl, "ppl_delta_vs_reference": ppl["artifact"] - ppl["reference"]}
+    RESULTS[key] = {
+        "vs_twin": vs_twin,
+        "vs_reference": vs_ref,
+        "perplexity": ppl,
+        "ppl_delta_vs_reference": ppl["artifact"] - ppl["reference"],
+    }
     print(f"\n[coreml {key}] " + json.dumps(RESULTS[key]))
     # Lowering error (artifact vs twin): fp16 compute + fp16-cast-before-quantization codes.
     assert vs_twin["top1_agreement"] >= 0.99, _explain(got, twin)
@@ -133,14 +141,22 @@ def test_scheme_rule_is_coremltools_linear_symmetric(bits: int, group: int | Non
     method = QuantMethod(scale_rule="restricted", asymmetric=False, gptq=False)
     scheme = coreml.quant_scheme(TargetOptions(bits=bits, group_size=32, method=method))
     wq = scheme.linear
-    assert (wq.bits, wq.group_size, wq.scale_rule, wq.scale_dtype, wq.zero_points) == (bits, group, "restricted", torch.float16, False)
+    assert (wq.bits, wq.group_size, wq.scale_rule, wq.scale_dtype, wq.zero_points) == (
+        bits,
+        group,
+        "restricted",
+        torch.float16,
+        False,
+    )
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(3)) * 0.05
     w[3, :32] = 0.0  # an all-zero group
     qw = wq.quantize(w)
     q, s = qw.codes, qw.scales
     g = group or w.shape[1]
     grouped = w.numpy().reshape(48, -1, g)
-    ct_q, ct_s, zp = quantize_weight_by_dtype(grouped, axes=(2,), dtype=types.int4 if bits == 4 else types.int8, quantization_mode="LINEAR_SYMMETRIC")
+    ct_q, ct_s, zp = quantize_weight_by_dtype(
+        grouped, axes=(2,), dtype=types.int4 if bits == 4 else types.int8, quantization_mode="LINEAR_SYMMETRIC"
+    )
     assert zp is None
     ct_s = ct_s.reshape(48, -1)
     nonzero = ct_s != 0
@@ -157,7 +173,6 @@ def test_scheme_rule_is_coremltools_linear_symmetric(bits: int, group: int | Non
 def test_package_holds_the_twins_exact_codes(exported: Exports) -> None:
     for key in ("ls4", "ls8"):
         ex = exported[key]
-        scheme = coreml.quant_scheme(ex.opts)
         ev = CoreMLEvaluator(ex.package)
         checked = 0
         for i, op in enumerate(ev.block.operations):
@@ -185,8 +200,10 @@ def test_package_holds_the_twins_exact_codes(exported: Exports) -> None:
 def test_shared_weights_stored_once(exported: Exports) -> None:
     ls, plain = exported["ls4"], exported["none4"]
     size_ls, size_plain = ls.artifact.info["weight_bin_bytes"], plain.artifact.info["weight_bin_bytes"]
-    print(f"\n[coreml sizes] LS {size_ls} B, no sharing {size_plain} B, min {ls.artifact.info['min_weight_bytes']} B, "
-          f"breakdown LS {ls.artifact.info['weight_bin_breakdown']} / no sharing {plain.artifact.info['weight_bin_breakdown']}")
+    print(
+        f"\n[coreml sizes] LS {size_ls} B, no sharing {size_plain} B, min {ls.artifact.info['min_weight_bytes']} B, "
+        f"breakdown LS {ls.artifact.info['weight_bin_breakdown']} / no sharing {plain.artifact.info['weight_bin_breakdown']}"
+    )
     assert abs(size_ls - size_plain) / size_plain < 0.02
     # Twice the block applications, the same constexpr weights: one per stored linear + the embedding.
     assert ls.artifact.info["mil_ops"]["linear"] == plain.artifact.info["mil_ops"]["linear"] + 4 * 2
@@ -207,10 +224,16 @@ def test_package_io_states_metadata(exported: Exports) -> None:
     assert meta["com.mobilellm.bos_id"] == str(cfg.bos_id) and meta["com.mobilellm.eos_id"] == str(cfg.eos_id)
     assert meta["com.mobilellm.max_context"] == str(cfg.max_context)
     assert meta["com.mobilellm.schedule"] == "0,0,1,1"
-    assert spec.description.metadata.author and spec.description.metadata.license and spec.description.metadata.versionString
+    assert (
+        spec.description.metadata.author
+        and spec.description.metadata.license
+        and spec.description.metadata.versionString
+    )
     assert ex.artifact.info["metadata"] == {k: v for k, v in meta.items() if k.startswith("com.mobilellm.")}
     if (default_model_dir() / "tokenizer.model").is_file():
-        assert meta["com.mobilellm.tokenizer"] == "tokenizer.model" and len(meta["com.mobilellm.tokenizer_sha256"]) == 64
+        assert (
+            meta["com.mobilellm.tokenizer"] == "tokenizer.model" and len(meta["com.mobilellm.tokenizer_sha256"]) == 64
+        )
     ev = CoreMLEvaluator(ex.package)
     assert ev.input_names == ["input_ids", "causal_mask"]
     assert ev.state_names == [f"{kv}_cache_{i}" for i in range(cfg.n_applied) for kv in "kv"]
@@ -261,7 +284,11 @@ def test_tampered_weights_fail_parity(exported: Exports, tmp_path: Path, tamper:
             data[i] ^= 0x88  # flip the sign bit of both nibbles
     else:  # the embedding's per-row scales (also the output projection's), x3
         ev = CoreMLEvaluator(package)
-        op = next(o for o in ev.block.operations if o.type == "constexpr_blockwise_shift_scale" and o.outputs[0].name.startswith("tok_embeddings"))
+        op = next(
+            o
+            for o in ev.block.operations
+            if o.type == "constexpr_blockwise_shift_scale" and o.outputs[0].name.startswith("tok_embeddings")
+        )
         meta = op.inputs["scale"].arguments[0].value.blobFileValue.offset
         _, dtype, size, off = struct.unpack_from("<IIQQ", data, meta)
         assert dtype == 1  # fp16

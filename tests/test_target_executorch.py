@@ -13,15 +13,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import default_model_dir, random_model, tiny_config
 from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.export_model import ExportModel, ExportSettings
-from mobilellm.exporter.quantize import QuantizedWeight, WeightQuant, fake_quantized_twin, quantize_model
+from mobilellm.exporter.quantize import WeightQuant, fake_quantized_twin, quantize_model
 from mobilellm.exporter.targets import executorch as et
 from mobilellm.exporter.targets.base import TargetOptions
 from mobilellm.validation.metrics import compare_logits, perplexity
 from mobilellm.validation.sequences import TorchRuntime, run_runtime
-
-from conftest import default_model_dir, random_model, tiny_config
 
 MAX_SEQ = 64
 VOCAB = 2048  # the embedded default tokenizer's vocabulary, so the stock runner can use it
@@ -85,7 +84,10 @@ def test_weight_rounding_matches_torchao_exactly():
     for bits, gran, gs in ((4, PerGroup(32), 32), (8, PerAxis(0), None)):
         lin = nn.Linear(128, 96, bias=False)
         lin.weight.data.copy_(w)
-        quantize_(lin, Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, f"int{bits}"), weight_granularity=gran))
+        quantize_(
+            lin,
+            Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, f"int{bits}"), weight_granularity=gran),
+        )
         wq = WeightQuant(bits, group_size=gs, scale_rule="torchao", scale_dtype=torch.float32)
         qw = wq.quantize(w)
         q, scale = qw.codes, qw.scales
@@ -159,8 +161,10 @@ def test_q4_pte_matches_twin_and_quant_error_is_the_twins(q4):
     noise = float(np.abs(P - T).max())
     agree = P.argmax(-1) == T.argmax(-1)
     clear = margin > noise
-    print(f"\nq4 pte~twin: {lowering}\n  non-tie positions {int(clear.sum())}/{len(clear)}, top-1 there {agree[clear].mean():.4f}; "
-          f"disagreements {int((~agree).sum())} with twin margins {np.round(margin[~agree], 4).tolist()}")
+    print(
+        f"\nq4 pte~twin: {lowering}\n  non-tie positions {int(clear.sum())}/{len(clear)}, top-1 there {agree[clear].mean():.4f}; "
+        f"disagreements {int((~agree).sum())} with twin margins {np.round(margin[~agree], 4).tolist()}"
+    )
     assert agree[clear].mean() >= 0.99
     assert lowering["top1_agreement"] >= 0.97, lowering
     assert np.all(margin[~agree] <= noise)
@@ -168,10 +172,15 @@ def test_q4_pte_matches_twin_and_quant_error_is_the_twins(q4):
     # quantization error: the artifact's is the twin's (no worse beyond the lowering noise above)
     pte_vs_ref, twin_vs_ref = compare_logits(P, R), compare_logits(T, R)
     assert pte_vs_ref["top1_agreement"] >= twin_vs_ref["top1_agreement"] - (1 - lowering["top1_agreement"])
-    ppl = {name: float(np.mean([perplexity(x[:-1], t) for x, t in zip(xs, targets)])) for name, xs in (("ref", ref), ("twin", twin), ("pte", pte))}
+    ppl = {
+        name: float(np.mean([perplexity(x[:-1], t) for x, t in zip(xs, targets)]))
+        for name, xs in (("ref", ref), ("twin", twin), ("pte", pte))
+    }
     assert abs(ppl["pte"] - ppl["ref"]) <= abs(ppl["twin"] - ppl["ref"]) * 1.05 + 1e-3 * ppl["ref"], ppl
-    print(f"  pte~ref top-1 {pte_vs_ref['top1_agreement']:.4f} kl {pte_vs_ref['kl_divergence']:.4f}; twin~ref top-1 "
-          f"{twin_vs_ref['top1_agreement']:.4f} kl {twin_vs_ref['kl_divergence']:.4f}; perplexity {ppl}")
+    print(
+        f"  pte~ref top-1 {pte_vs_ref['top1_agreement']:.4f} kl {pte_vs_ref['kl_divergence']:.4f}; twin~ref top-1 "
+        f"{twin_vs_ref['top1_agreement']:.4f} kl {twin_vs_ref['kl_divergence']:.4f}; perplexity {ppl}"
+    )
 
 
 def test_q4_artifact_metadata_and_sizes(q4):
@@ -184,7 +193,16 @@ def test_q4_artifact_metadata_and_sizes(q4):
     et._load_kernels()
     program = Runtime.get().load_program(bundle / "model.pte")
     names = set(program.method_names)
-    for meth in ("forward", "get_max_seq_len", "get_max_context_len", "get_bos_id", "get_eos_ids", "get_vocab_size", "use_kv_cache", "enable_dynamic_shape"):
+    for meth in (
+        "forward",
+        "get_max_seq_len",
+        "get_max_context_len",
+        "get_bos_id",
+        "get_eos_ids",
+        "get_vocab_size",
+        "use_kv_cache",
+        "enable_dynamic_shape",
+    ):
         assert meth in names, meth
     assert program.load_method("get_max_seq_len").execute([])[0] == MAX_SEQ
     assert program.load_method("get_max_context_len").execute([])[0] == MAX_SEQ
@@ -242,7 +260,9 @@ def test_f32_pte_equals_reference(f32):
     pte = run_runtime(rt, tokens, PREFILL)
     ref = run_runtime(TorchRuntime(model), tokens, PREFILL)
     m = compare_logits(pte, ref)
-    print(f"\nf32 pte~ref: {m}; info: { {k: art.info[k] for k in ('pte_bytes', 'minimum_bytes', 'embedding_table_copies_in_pte', 'embedding_stored_once', 'extra_bytes_for_output_projection')} }")
+    print(
+        f"\nf32 pte~ref: {m}; info: { {k: art.info[k] for k in ('pte_bytes', 'minimum_bytes', 'embedding_table_copies_in_pte', 'embedding_stored_once', 'extra_bytes_for_output_projection')} }"
+    )
     assert m["top1_agreement"] == 1.0, m
     assert m["max_abs"] < 1e-3, m
     # A fresh reset really restarts the cache (a stale cache would differ by O(1)). Not bit-exact:

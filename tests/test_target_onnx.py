@@ -16,15 +16,14 @@ import onnx
 import pytest
 import torch
 
+from conftest import random_model, tiny_config
 from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.export_model import ExportModel, ExportSettings, unique_storages
-from mobilellm.exporter.quantize import QuantMethod, QuantizedModel, WeightQuant, fake_quantized_twin, quantize_model
+from mobilellm.exporter.quantize import QuantizedModel, QuantMethod, WeightQuant, fake_quantized_twin, quantize_model
 from mobilellm.exporter.targets import onnx as onnx_target
 from mobilellm.exporter.targets.base import TargetOptions
 from mobilellm.validation.metrics import compare_logits, perplexity
 from mobilellm.validation.sequences import TorchRuntime, run_runtime
-
-from conftest import random_model, tiny_config
 
 MAX_SEQ = 64
 PREFILL, DECODE = 12, 8  # prefill + 8 decode steps
@@ -40,7 +39,9 @@ class Exported:
     quantized: QuantizedModel
 
 
-def _export(tmp: Path, model: ExportModel, opts: TargetOptions, graph: onnx_target.GraphOptions | None = None, ckpt: Any = None) -> Exported:
+def _export(
+    tmp: Path, model: ExportModel, opts: TargetOptions, graph: onnx_target.GraphOptions | None = None, ckpt: Any = None
+) -> Exported:
     graph = graph or onnx_target.GraphOptions()
     quantized = quantize_model(model, onnx_target.quant_scheme(opts, graph))
     art = onnx_target.export(model, quantized, ckpt, opts, tmp, graph=graph)
@@ -54,15 +55,26 @@ def _tokens(vocab: int, n: int = PREFILL + DECODE, seed: int = 3) -> np.ndarray:
 @pytest.fixture(scope="module")
 def shared_model() -> ExportModel:
     # Immediate sharing: every block runs twice, each application with its own KV pair.
-    return ExportModel.from_reference(random_model(tiny_config(sharing="immediate")), ExportSettings(max_seq_len=MAX_SEQ))
+    return ExportModel.from_reference(
+        random_model(tiny_config(sharing="immediate")), ExportSettings(max_seq_len=MAX_SEQ)
+    )
 
 
 @pytest.fixture(scope="module", params=[(4, 4), (4, 0), (8, 4), (16, 0)], ids=["int4", "int4-acc0", "int8", "fp16"])
-def exported(request: pytest.FixtureRequest, shared_model: ExportModel, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+def exported(
+    request: pytest.FixtureRequest, shared_model: ExportModel, tmp_path_factory: pytest.TempPathFactory
+) -> Exported:
     """Default graphs at 4/8/16 bits, plus 4-bit with accuracy_level 0 (float32 activations everywhere)."""
     bits, level = request.param
-    graph = onnx_target.GraphOptions() if level else onnx_target.GraphOptions(accuracy_level_4bit=0, accuracy_level_8bit=0)
-    return _export(tmp_path_factory.mktemp(f"onnx{bits}_{level}"), shared_model, TargetOptions(bits=bits, max_seq_len=MAX_SEQ), graph)
+    graph = (
+        onnx_target.GraphOptions() if level else onnx_target.GraphOptions(accuracy_level_4bit=0, accuracy_level_8bit=0)
+    )
+    return _export(
+        tmp_path_factory.mktemp(f"onnx{bits}_{level}"),
+        shared_model,
+        TargetOptions(bits=bits, max_seq_len=MAX_SEQ),
+        graph,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +101,9 @@ def _assert_lowering(scheme: Any, ort_out: np.ndarray, twin_out: np.ndarray) -> 
     return lowering
 
 
-def test_onnxruntime_matches_twin_and_reference(exported: Exported, fp32_logits: np.ndarray, record_property: Any) -> None:
+def test_onnxruntime_matches_twin_and_reference(
+    exported: Exported, fp32_logits: np.ndarray, record_property: Any
+) -> None:
     model, opts = exported.model, exported.opts
     tokens = _tokens(model.config.vocab_size)
     ort_out = run_runtime(onnx_target.open_runtime(exported.bundle, {}, threads=1), tokens, PREFILL)
@@ -101,13 +115,18 @@ def test_onnxruntime_matches_twin_and_reference(exported: Exported, fp32_logits:
 
     # Quantization error (artifact vs fp32 reference), recorded for the report.
     quant = compare_logits(ort_out, fp32_logits)
-    ppl = {name: perplexity(out[:-1], tokens[1:]) for name, out in (("ort", ort_out), ("twin", twin_out), ("fp32", fp32_logits))}
+    ppl = {
+        name: perplexity(out[:-1], tokens[1:])
+        for name, out in (("ort", ort_out), ("twin", twin_out), ("fp32", fp32_logits))
+    }
     delta = ppl["ort"] / ppl["fp32"] - 1
     record_property("bits", opts.bits)
     record_property("top1_vs_fp32", quant["top1_agreement"])
     record_property("ppl_delta_vs_fp32", delta)
-    print(f"\nbits={opts.bits} acc={exported.graph.accuracy_level(opts.bits)}: vs twin max_abs={lowering['max_abs']:.2e} mean_abs={lowering['mean_abs']:.1e}; vs fp32 top1={quant['top1_agreement']:.3f} "
-          f"ppl {ppl['fp32']:.3f} -> {ppl['ort']:.3f} ({delta:+.2%})")
+    print(
+        f"\nbits={opts.bits} acc={exported.graph.accuracy_level(opts.bits)}: vs twin max_abs={lowering['max_abs']:.2e} mean_abs={lowering['mean_abs']:.1e}; vs fp32 top1={quant['top1_agreement']:.3f} "
+        f"ppl {ppl['fp32']:.3f} -> {ppl['ort']:.3f} ({delta:+.2%})"
+    )
     # The artifact's distance from fp32 is the twin's (i.e. all of it is rounding the twin models);
     # with rounded activations up to one of the 20 positions and 1% perplexity may differ (flips above).
     twin_top1 = compare_logits(twin_out, fp32_logits)["top1_agreement"]
@@ -127,10 +146,15 @@ def test_onnxruntime_matches_twin_and_reference(exported: Exported, fp32_logits:
 
 def test_unfused_graph_and_unfused_linears_match_twin(tmp_path: Path) -> None:
     """Plain-op graph (no contrib attention/norm/rotary) over separate q/k/v, gate/up and folded gains."""
-    model = ExportModel.from_reference(random_model(tiny_config(sharing="reverse")), ExportSettings(max_seq_len=MAX_SEQ, fuse=False, fold_norm_gains=True))
+    model = ExportModel.from_reference(
+        random_model(tiny_config(sharing="reverse")),
+        ExportSettings(max_seq_len=MAX_SEQ, fuse=False, fold_norm_gains=True),
+    )
     opts = TargetOptions(bits=4, max_seq_len=MAX_SEQ, layer_bits=())  # uniform 4-bit: this test is about graph forms
     tokens = _tokens(model.config.vocab_size)
-    for i, graph in enumerate((onnx_target.GraphOptions.unfused(), onnx_target.GraphOptions(rotary="op", accuracy_level_4bit=0))):
+    for i, graph in enumerate(
+        (onnx_target.GraphOptions.unfused(), onnx_target.GraphOptions(rotary="op", accuracy_level_4bit=0))
+    ):
         scheme = onnx_target.quant_scheme(opts, graph)
         ex = _export(tmp_path / str(i), model, opts, graph)
         twin_out = run_runtime(TorchRuntime(fake_quantized_twin(model, ex.quantized)), tokens, PREFILL)
@@ -151,7 +175,11 @@ def test_dynamic_batch_and_rewind(exported4: Exported) -> None:
     cfg, n_app = exported.model.config, len(exported.model.schedule)
     sess = ort.InferenceSession(str(exported.bundle / onnx_target.MODEL_FILE), providers=["CPUExecutionProvider"])
     a, b = _tokens(cfg.vocab_size, 7, seed=5), _tokens(cfg.vocab_size, 7, seed=6)
-    feed = {"input_ids": np.stack([a, b]), "attention_mask": np.ones((2, 7), np.int64), "position_ids": np.tile(np.arange(7), (2, 1))}
+    feed = {
+        "input_ids": np.stack([a, b]),
+        "attention_mask": np.ones((2, 7), np.int64),
+        "position_ids": np.tile(np.arange(7), (2, 1)),
+    }
     for i in range(n_app):
         for kind in ("key", "value"):
             feed[f"past_key_values.{i}.{kind}"] = np.zeros((2, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
@@ -181,7 +209,11 @@ def _expected_initializers(model: ExportModel, opts: TargetOptions) -> tuple[int
         if p.ndim == 1:
             count, nbytes = count + 1, nbytes + p.numel() * 4
             continue
-        wq = scheme.embedding if name.startswith(("tok_embeddings", "output")) else scheme.for_weight(name, model.config.n_layers)
+        wq = (
+            scheme.embedding
+            if name.startswith(("tok_embeddings", "output"))
+            else scheme.for_weight(name, model.config.n_layers)
+        )
         n, k = p.shape
         if wq.bits >= 16:
             count, nbytes = count + 1, nbytes + n * k * 2
@@ -204,9 +236,13 @@ def test_initializers_are_the_unique_weights(exported: Exported) -> None:
     count, nbytes = _expected_initializers(exported.model, exported.opts)
     assert (report["count"], report["bytes"]) == (count, nbytes)
     assert report["duplicates"] == []  # no two initializers hold the same bytes
-    assert (exported.bundle / onnx_target.DATA_FILE).stat().st_size == nbytes  # the external data is exactly the weights
+    assert (
+        exported.bundle / onnx_target.DATA_FILE
+    ).stat().st_size == nbytes  # the external data is exactly the weights
     # Unique weight storages in the PyTorch module (shared blocks and embedding counted once).
-    assert len(unique_storages(exported.model)) == len([n for n in report["names"] if not n.endswith((".scales", ".zero_points")) and not n.startswith("rope.")])
+    assert len(unique_storages(exported.model)) == len(
+        [n for n in report["names"] if not n.endswith((".scales", ".zero_points")) and not n.startswith("rope.")]
+    )
 
     cfg, n_app = exported.model.config, len(exported.model.schedule)
     inits = set(report["names"])
@@ -229,7 +265,9 @@ def size_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
     for sharing in ("none", "immediate"):
         cfg = tiny_config(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=512, sharing=sharing)
         model = ExportModel.from_reference(random_model(cfg), ExportSettings(max_seq_len=MAX_SEQ))
-        out[sharing] = _export(tmp_path_factory.mktemp(f"size_{sharing}"), model, TargetOptions(bits=4, max_seq_len=MAX_SEQ))
+        out[sharing] = _export(
+            tmp_path_factory.mktemp(f"size_{sharing}"), model, TargetOptions(bits=4, max_seq_len=MAX_SEQ)
+        )
     return out
 
 
@@ -259,15 +297,24 @@ def test_io_layout_and_genai_config(exported: Exported) -> None:
     outs = {o.name: o.shape for o in sess.get_outputs()}
     assert list(ins)[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert ins["input_ids"] == ["batch_size", "sequence_length"]
-    assert set(ins) - {"input_ids", "attention_mask", "position_ids"} == {f"past_key_values.{i}.{k}" for i in range(n_app) for k in ("key", "value")}
+    assert set(ins) - {"input_ids", "attention_mask", "position_ids"} == {
+        f"past_key_values.{i}.{k}" for i in range(n_app) for k in ("key", "value")
+    }
     assert ins["past_key_values.0.key"] == ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
     assert outs["logits"] == ["batch_size", "sequence_length", cfg.vocab_size]
     assert set(outs) == {"logits"} | {f"present.{i}.{k}" for i in range(n_app) for k in ("key", "value")}
     genai = json.loads((exported.bundle / "genai_config.json").read_text())
     dec = genai["model"]["decoder"]
     assert dec["filename"] == onnx_target.MODEL_FILE and dec["num_hidden_layers"] == n_app
-    assert (dec["num_attention_heads"], dec["num_key_value_heads"], dec["head_size"]) == (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
-    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key" and dec["outputs"]["present_value_names"] == "present.%d.value"
+    assert (dec["num_attention_heads"], dec["num_key_value_heads"], dec["head_size"]) == (
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+    )
+    assert (
+        dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
+        and dec["outputs"]["present_value_names"] == "present.%d.value"
+    )
     assert genai["search"]["past_present_share_buffer"] is True  # GroupQueryAttention
     info = art.info
     assert info["file_bytes"][onnx_target.MODEL_FILE] > 0 and info["minimum_bytes"]["total"] > 0
@@ -319,10 +366,14 @@ def test_scale_rule_is_onnxruntimes_quantizer(bits: int) -> None:
     packed = np.zeros((n, k // block, block * bits // 8), np.uint8)
     scales = np.zeros(n * (k // block), np.float32)
     zp = np.zeros((n, k // block), np.uint8)
-    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, np.ascontiguousarray(w.numpy().T), scales, zp, block, n, k, True)
+    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(
+        packed, np.ascontiguousarray(w.numpy().T), scales, zp, block, n, k, True
+    )
     rtn = QuantMethod(scale_rule="signed_extreme", asymmetric=False, gptq=False)
     wq = onnx_target.quant_scheme(TargetOptions(bits=bits, method=rtn)).linear
-    assert wq == WeightQuant(bits, 32, "signed_extreme", torch.float32, act_block=32, group_size_cap=128 if bits == 8 else None)
+    assert wq == WeightQuant(
+        bits, 32, "signed_extreme", torch.float32, act_block=32, group_size_cap=128 if bits == 8 else None
+    )
     wq = replace(wq, group_size_cap=None)  # onnxruntime's quantizer below runs blocks of 32
     ours_packed, ours_scales, zeros = onnx_target.pack_nbits(wq.quantize(w))
     assert zeros is None
@@ -343,14 +394,37 @@ def test_accuracy_level_4_rule(bits: int) -> None:
 
     n, k = 96, 128
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.08
-    wq = onnx_target.quant_scheme(TargetOptions(bits=bits), onnx_target.GraphOptions(accuracy_level_4bit=4, accuracy_level_8bit=4)).linear
+    wq = onnx_target.quant_scheme(
+        TargetOptions(bits=bits), onnx_target.GraphOptions(accuracy_level_4bit=4, accuracy_level_8bit=4)
+    ).linear
     assert wq.act_block == 32 and not wq.zero_points  # the default method (GPTQ) is symmetric
     wq = replace(wq, zero_points=True, group_size_cap=None)  # zero points at level 4 too, blocks of 32
     packed, scales, zeros = onnx_target.pack_nbits(wq.quantize(w))
-    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=4)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S"), numpy_helper.from_array(zeros, "Z")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "B", "S", "Z"],
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=32,
+        accuracy_level=4,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(packed, "B"),
+            numpy_helper.from_array(scales, "S"),
+            numpy_helper.from_array(zeros, "Z"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10
+    )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = torch.randn(1, 5, k, generator=torch.Generator().manual_seed(2))
     y = sess.run(None, {"x": x.numpy()})[0]
@@ -372,12 +446,35 @@ def test_zero_points_pack_as_matmulnbits_reads_them(bits: int) -> None:
     assert qw.zeros is not None and bool((qw.zeros != 0).any())
     packed, scales, zeros = onnx_target.pack_nbits(qw)
     np.testing.assert_array_equal(onnx_target.unpack_nbits(packed, scales, bits, zeros), qw.dequantize().numpy())
-    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=32, accuracy_level=0)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S"), numpy_helper.from_array(zeros, "Z")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "B", "S", "Z"],
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=32,
+        accuracy_level=0,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(packed, "B"),
+            numpy_helper.from_array(scales, "S"),
+            numpy_helper.from_array(zeros, "Z"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10
+    )
     x = torch.randn(1, 3, k, generator=torch.Generator().manual_seed(5))
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[
+        0
+    ]
     np.testing.assert_allclose(y, (x @ qw.dequantize().T).numpy(), atol=1e-5)
 
 

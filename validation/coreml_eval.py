@@ -33,24 +33,57 @@ class UnsupportedOpError(NotImplementedError):
 # ----------------------------------------------------------------------------- dtypes
 # MIL.proto DataType -> numpy dtype (sub-byte ints are held unpacked in int8/uint8)
 _PROTO_DTYPES: dict[int, Any] = {
-    1: np.bool_, 10: np.float16, 11: np.float32, 12: np.float64,
-    21: np.int8, 22: np.int16, 23: np.int32, 24: np.int64, 25: np.int8,  # INT4 held in int8
-    31: np.uint8, 32: np.uint16, 33: np.uint32, 34: np.uint64,
-    35: np.uint8, 36: np.uint8, 37: np.uint8, 38: np.uint8, 39: np.uint8,  # UINT4/2/1/6/3
+    1: np.bool_,
+    10: np.float16,
+    11: np.float32,
+    12: np.float64,
+    21: np.int8,
+    22: np.int16,
+    23: np.int32,
+    24: np.int64,
+    25: np.int8,  # INT4 held in int8
+    31: np.uint8,
+    32: np.uint16,
+    33: np.uint32,
+    34: np.uint64,
+    35: np.uint8,
+    36: np.uint8,
+    37: np.uint8,
+    38: np.uint8,
+    39: np.uint8,  # UINT4/2/1/6/3
 }
 _SUB_BYTE_BITS = {25: 4, 35: 4, 36: 2, 37: 1, 38: 6, 39: 3}
 _SIGNED_SUB_BYTE = {25}
 _STR_DTYPES = {
-    "fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "bool": np.bool_,
-    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
-    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+    "fp16": np.float16,
+    "fp32": np.float32,
+    "fp64": np.float64,
+    "bool": np.bool_,
+    "int8": np.int8,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
 }
 # MILBlob storage BlobDataType -> (numpy dtype, bits, signed)
 _BLOB_DTYPES: dict[int, tuple[Any, int, bool]] = {
-    1: (np.float16, 16, True), 2: (np.float32, 32, True), 3: (np.uint8, 8, False), 4: (np.int8, 8, True),
-    6: (np.int16, 16, True), 7: (np.uint16, 16, False), 8: (np.int8, 4, True), 9: (np.uint8, 1, False),
-    10: (np.uint8, 2, False), 11: (np.uint8, 4, False), 12: (np.uint8, 3, False), 13: (np.uint8, 6, False),
-    14: (np.int32, 32, True), 15: (np.uint32, 32, False),
+    1: (np.float16, 16, True),
+    2: (np.float32, 32, True),
+    3: (np.uint8, 8, False),
+    4: (np.int8, 8, True),
+    6: (np.int16, 16, True),
+    7: (np.uint16, 16, False),
+    8: (np.int8, 4, True),
+    9: (np.uint8, 1, False),
+    10: (np.uint8, 2, False),
+    11: (np.uint8, 4, False),
+    12: (np.uint8, 3, False),
+    13: (np.uint8, 6, False),
+    14: (np.int32, 32, True),
+    15: (np.uint32, 32, False),
 }
 _BLOB_SENTINEL = 0xDEADBEEF
 
@@ -92,7 +125,9 @@ class BlobFile:
         count = int(np.prod(shape)) if shape else 1
         if nbits < 8:
             if size * 8 - padding_bits != count * nbits:
-                raise ValueError(f"{self.path}: blob at {offset} holds {size * 8 - padding_bits} bits, shape {shape} needs {count * nbits}")
+                raise ValueError(
+                    f"{self.path}: blob at {offset} holds {size * 8 - padding_bits} bits, shape {shape} needs {count * nbits}"
+                )
             arr = _unpack_bits(raw, nbits, count, signed)
         else:
             arr = np.frombuffer(raw, dtype=np_dtype)
@@ -508,7 +543,11 @@ class CoreMLEvaluator:
         fn = prog.functions[function]
         self.opset = fn.opset
         # "CoreML7" = iOS17, "CoreML8" = iOS18: op semantics that changed between opsets key on it
-        self.opset_version = int(fn.opset[len("CoreML"):]) if fn.opset.startswith("CoreML") and fn.opset[len("CoreML"):].isdigit() else 0
+        self.opset_version = (
+            int(fn.opset[len("CoreML") :])
+            if fn.opset.startswith("CoreML") and fn.opset[len("CoreML") :].isdigit()
+            else 0
+        )
         self.block = fn.block_specializations[fn.opset]
         self.inputs = {i.name: _tensor_type(i.type) for i in fn.inputs if i.type.WhichOneof("type") != "stateType"}
         self.states = {i.name: _tensor_type(i.type) for i in fn.inputs if i.type.WhichOneof("type") == "stateType"}
@@ -532,7 +571,12 @@ class CoreMLEvaluator:
                 self._consts[op.outputs[0].name] = _parse_value(op.attributes["val"], self._blob)
                 continue
             self._bound[i] = {
-                key: [("name", b.name) if b.WhichOneof("binding") == "name" else ("value", _parse_value(b.value, self._blob)) for b in arg.arguments]
+                key: [
+                    ("name", b.name)
+                    if b.WhichOneof("binding") == "name"
+                    else ("value", _parse_value(b.value, self._blob))
+                    for b in arg.arguments
+                ]
                 for key, arg in op.inputs.items()
             }
         # constexpr_* ops are load-time constants (Core ML materializes them when loading): run them once.
@@ -577,7 +621,9 @@ class CoreMLEvaluator:
             raise ValueError(f"{binding_name} is not a state input of the program")
         return binding_name
 
-    def predict(self, inputs: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def predict(
+        self, inputs: dict[str, np.ndarray], state: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         env: dict[str, Any] = dict(self._consts)
         for name, (dtype, dims) in self.inputs.items():
             if name not in inputs:
@@ -637,5 +683,7 @@ class CoreMLEvaluator:
                 arr = np.trunc(arr)
             arr = arr.astype(np_dtype)
             if len(dims) != arr.ndim or any(d is not None and d != s for d, s in zip(dims, arr.shape)):
-                raise RuntimeError(f"MIL op {op.type} ({out.name}): result shape {arr.shape} contradicts declared {dims}")
+                raise RuntimeError(
+                    f"MIL op {op.type} ({out.name}): result shape {arr.shape} contradicts declared {dims}"
+                )
             env[out.name] = arr

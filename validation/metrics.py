@@ -46,7 +46,9 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids.astype(np.int32), lp.astype(np.float32)
 
 
-def compare_top_k(actual: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, decisive_margin: float) -> dict[str, float]:
+def compare_top_k(
+    actual: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, decisive_margin: float
+) -> dict[str, float]:
     """`actual` full logits [N, V] against an expected distribution kept as its top-k (ids, log-probs).
 
     KL(expected || actual) is measured over the k ids plus one bucket holding the rest of the mass:
@@ -64,7 +66,9 @@ def compare_top_k(actual: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, dec
     rest_e = np.clip(1.0 - p_e.sum(-1), 0.0, 1.0)
     lp_a_k = np.take_along_axis(lp_a, ids.astype(np.int64), axis=-1)
     rest_a = np.clip(1.0 - np.exp(lp_a_k).sum(-1), 1e-300, 1.0)
-    kl = (p_e * (logprobs - lp_a_k)).sum(-1) + np.where(rest_e > 0, rest_e * (np.log(np.maximum(rest_e, 1e-300)) - np.log(rest_a)), 0.0)
+    kl = (p_e * (logprobs - lp_a_k)).sum(-1) + np.where(
+        rest_e > 0, rest_e * (np.log(np.maximum(rest_e, 1e-300)) - np.log(rest_a)), 0.0
+    )
     kl = np.maximum(kl, 0.0)
     return {
         "top1_agreement": float(top1.mean()),

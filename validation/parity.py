@@ -98,9 +98,12 @@ class Golden:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return cls(
-                    tokens=z["tokens"], prefill=int(z["prefill"]),
-                    top_ids={w: z[f"{w}_top_ids"] for w in AGAINST}, top_logprobs={w: z[f"{w}_top_logprobs"] for w in AGAINST},
-                    logits={w: z[f"{w}_logits"] for w in AGAINST}, ppl={w: float(z[f"{w}_ppl"]) for w in AGAINST},
+                    tokens=z["tokens"],
+                    prefill=int(z["prefill"]),
+                    top_ids={w: z[f"{w}_top_ids"] for w in AGAINST},
+                    top_logprobs={w: z[f"{w}_top_logprobs"] for w in AGAINST},
+                    logits={w: z[f"{w}_logits"] for w in AGAINST},
+                    ppl={w: float(z[f"{w}_ppl"]) for w in AGAINST},
                     greedy={w: z[f"{w}_greedy"] for w in AGAINST},
                 )
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
@@ -136,17 +139,49 @@ def compute_golden(runtimes: dict[str, TargetRuntime], all_tokens: np.ndarray, m
 # the twin. Greedy-generation match is reported but not gated: one near-tie flip (which the decisive
 # top-1 ignores) changes every later token, so a good 4-bit export matched its twin for 1 of 16 tokens.
 DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
-    16: {"reference.top1_decisive": 1.0, "reference.kl_divergence": 0.002, "reference.ppl_delta": 0.01,
-         "twin.top1_decisive": 1.0, "twin.kl_divergence": 0.002, "twin.min_cosine": 0.999, "twin.ppl_delta": 0.01},
-    8: {"reference.top1_decisive": 0.97, "reference.kl_divergence": 0.02, "reference.ppl_delta": 0.03,
-        "twin.top1_decisive": 0.99, "twin.kl_divergence": 0.01, "twin.min_cosine": 0.99, "twin.ppl_delta": 0.01},
-    4: {"reference.top1_decisive": 0.85, "reference.kl_divergence": 0.15, "reference.ppl_delta": 0.15,
-        "twin.top1_decisive": 0.98, "twin.kl_divergence": 0.02, "twin.min_cosine": 0.98, "twin.ppl_delta": 0.02},
+    16: {
+        "reference.top1_decisive": 1.0,
+        "reference.kl_divergence": 0.002,
+        "reference.ppl_delta": 0.01,
+        "twin.top1_decisive": 1.0,
+        "twin.kl_divergence": 0.002,
+        "twin.min_cosine": 0.999,
+        "twin.ppl_delta": 0.01,
+    },
+    8: {
+        "reference.top1_decisive": 0.97,
+        "reference.kl_divergence": 0.02,
+        "reference.ppl_delta": 0.03,
+        "twin.top1_decisive": 0.99,
+        "twin.kl_divergence": 0.01,
+        "twin.min_cosine": 0.99,
+        "twin.ppl_delta": 0.01,
+    },
+    4: {
+        "reference.top1_decisive": 0.85,
+        "reference.kl_divergence": 0.15,
+        "reference.ppl_delta": 0.15,
+        "twin.top1_decisive": 0.98,
+        "twin.kl_divergence": 0.02,
+        "twin.min_cosine": 0.98,
+        "twin.ppl_delta": 0.02,
+    },
 }
 # Metrics where smaller is better; every other metric must be at least its threshold.
 _AT_MOST = {"ppl_delta", "max_kl_divergence", "kl_divergence", "max_abs", "mean_abs"}
-KNOWN_METRICS = {"top1_agreement", "top1_decisive", "top5_overlap", "min_cosine", "cosine", "kl_divergence",
-                 "max_kl_divergence", "max_abs", "mean_abs", "ppl_delta", "generation_match"}
+KNOWN_METRICS = {
+    "top1_agreement",
+    "top1_decisive",
+    "top5_overlap",
+    "min_cosine",
+    "cosine",
+    "kl_divergence",
+    "max_kl_divergence",
+    "max_abs",
+    "mean_abs",
+    "ppl_delta",
+    "generation_match",
+}
 # Metrics that need full logits: measured on the decode positions only (the golden data keeps those).
 FULL_LOGIT_METRICS = {"min_cosine", "cosine", "max_abs", "mean_abs"}
 
@@ -190,7 +225,9 @@ class ParityResult:
         return all(c.passed for c in self.checks) and not self.integrity_problems
 
     def failures(self) -> list[str]:
-        out = [f"integrity: {name} differs from the sha256 recorded in manifest.json" for name in self.integrity_problems]
+        out = [
+            f"integrity: {name} differs from the sha256 recorded in manifest.json" for name in self.integrity_problems
+        ]
         return out + [c.describe() for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,13 +239,18 @@ class ParityResult:
 
 def _step_slices(golden: Golden) -> list[tuple[str, slice]]:
     steps = [("prefill", slice(0, golden.prefill))]
-    steps += [(f"decode_{i + 1}", slice(golden.prefill + i, golden.prefill + i + 1)) for i in range(len(golden.tokens) - golden.prefill)]
+    steps += [
+        (f"decode_{i + 1}", slice(golden.prefill + i, golden.prefill + i + 1))
+        for i in range(len(golden.tokens) - golden.prefill)
+    ]
     return steps
 
 
 def _metrics(logits: np.ndarray, golden: Golden, who: str, positions: slice) -> dict[str, float]:
     """Top-k metrics over `positions`; full-logit metrics too where those positions are decode steps."""
-    out = compare_top_k(logits[positions], golden.top_ids[who][positions], golden.top_logprobs[who][positions], DECISIVE_MARGIN)
+    out = compare_top_k(
+        logits[positions], golden.top_ids[who][positions], golden.top_logprobs[who][positions], DECISIVE_MARGIN
+    )
     start, stop = positions.start, positions.stop
     if start >= golden.prefill:
         full = compare_logits(logits[positions], golden.logits[who][start - golden.prefill : stop - golden.prefill])
@@ -225,8 +267,9 @@ def _match_length(a: np.ndarray, b: np.ndarray) -> int:
     return n
 
 
-def run_parity(runtime: TargetRuntime, golden: Golden, thresholds: dict[str, float],
-               progress: Callable[[str], None] | None = None) -> ParityResult:
+def run_parity(
+    runtime: TargetRuntime, golden: Golden, thresholds: dict[str, float], progress: Callable[[str], None] | None = None
+) -> ParityResult:
     say = progress or (lambda _msg: None)
     say(f"prefill {golden.prefill} tokens + {len(golden.tokens) - golden.prefill} decode steps")
     logits = run_runtime(runtime, golden.tokens, golden.prefill)
@@ -238,7 +281,10 @@ def run_parity(runtime: TargetRuntime, golden: Golden, thresholds: dict[str, flo
     overall: dict[str, dict[str, float]] = {}
     everything = slice(0, len(golden.tokens))
     for who in AGAINST:
-        steps[who] = [{"step": name, "positions": s.stop - s.start, **_metrics(logits, golden, who, s)} for name, s in _step_slices(golden)]
+        steps[who] = [
+            {"step": name, "positions": s.stop - s.start, **_metrics(logits, golden, who, s)}
+            for name, s in _step_slices(golden)
+        ]
         overall[who] = _metrics(logits, golden, who, everything)
         decode = compare_logits(logits[golden.prefill :], golden.logits[who])
         overall[who].update({k: decode[k] for k in FULL_LOGIT_METRICS})

@@ -59,7 +59,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for c in report["checks"]:
-        lines.append(f"| {c['name']} | {_fmt(c['value'])} | {c['op']} {c['threshold']:g} | {c['step']} | {'pass' if c['passed'] else '**FAIL**'} |")
+        lines.append(
+            f"| {c['name']} | {_fmt(c['value'])} | {c['op']} {c['threshold']:g} | {c['step']} | {'pass' if c['passed'] else '**FAIL**'} |"
+        )
     if report["integrity_problems"]:
         lines += ["", "Integrity: " + ", ".join(report["integrity_problems"]) + " differ from manifest.json sha256."]
     return "\n".join(lines) + "\n"
@@ -68,7 +70,9 @@ def markdown(report: dict[str, Any]) -> str:
 def junit(report: dict[str, Any]) -> str:
     checks = report["checks"]
     failures = sum(not c["passed"] for c in checks) + len(report["integrity_problems"])
-    suite = ET.Element("testsuite", name=f"parity.{report['bundle']}", tests=str(len(checks) + 1), failures=str(failures), errors="0")
+    suite = ET.Element(
+        "testsuite", name=f"parity.{report['bundle']}", tests=str(len(checks) + 1), failures=str(failures), errors="0"
+    )
     for c in checks:
         case = ET.SubElement(suite, "testcase", classname=f"parity.{report['target']}", name=c["name"])
         if not c["passed"]:

@@ -11,7 +11,15 @@ import importlib.util
 from ..errors import UserError
 from .base import ExportedArtifact, TargetModule, TargetOptions, TargetRuntime
 
-__all__ = ["TARGET_NAMES", "ExportedArtifact", "TargetModule", "TargetOptions", "TargetRuntime", "load_target", "available_targets"]
+__all__ = [
+    "TARGET_NAMES",
+    "ExportedArtifact",
+    "TargetModule",
+    "TargetOptions",
+    "TargetRuntime",
+    "load_target",
+    "available_targets",
+]
 
 _MODULES: dict[str, str] = {"executorch": ".executorch", "coreml": ".coreml", "onnx": ".onnx"}
 # The package each target lowers and runs with: a target is available when it is installed.
@@ -27,6 +35,8 @@ def load_target(name: str) -> TargetModule:
     if name not in _MODULES:
         raise UserError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)} or all")
     if name not in available_targets():
-        raise UserError(f"the {name} target needs the {_RUNTIMES[name]} package, which is not installed; "
-                        f"pip install mobilellm-export (it pins {_RUNTIMES[name]}) or export to {', '.join(available_targets()) or 'no other target'}")
+        raise UserError(
+            f"the {name} target needs the {_RUNTIMES[name]} package, which is not installed; "
+            f"pip install mobilellm-export (it pins {_RUNTIMES[name]}) or export to {', '.join(available_targets()) or 'no other target'}"
+        )
     return importlib.import_module(_MODULES[name], __name__)  # type: ignore[return-value]

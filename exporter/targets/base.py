@@ -71,6 +71,13 @@ class TargetModule(Protocol):
 
     def quant_scheme(self, opts: TargetOptions) -> QuantScheme: ...
 
-    def export(self, model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | None, opts: TargetOptions, bundle_dir: Path) -> ExportedArtifact: ...
+    def export(
+        self,
+        model: ExportModel,
+        quantized: QuantizedModel,
+        ckpt: Checkpoint | None,
+        opts: TargetOptions,
+        bundle_dir: Path,
+    ) -> ExportedArtifact: ...
 
     def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime: ...

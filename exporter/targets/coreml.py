@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 import platform
 import shutil
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,8 @@ _OUTPUT_CONST = "output_weight_to_fp16"
 # Mixed precision by default at 4 bits: every down projection at 8 bits (per channel). Measured on the
 # real 135M model with ONNX's identical choice: +7.4% -> +3.5% perplexity for +10 MB.
 DEFAULT_LAYER_BITS: dict[int, tuple[tuple[str, int], ...]] = {4: (("w2", 8),)}
+
+
 def _weight_quant(bits: int, group_size: int | None, method: QuantMethod) -> WeightQuant:
     if bits == 16:
         return WeightQuant(bits=16, float_dtype=torch.float16)
@@ -84,11 +86,15 @@ def quant_scheme(opts: TargetOptions) -> QuantScheme:
     linear = _weight_quant(opts.bits, opts.group_size if opts.bits == 4 else None, opts.method)
     eb = opts.resolved_embedding_bits()
     embedding = _weight_quant(eb, opts.group_size if eb == 4 else None, opts.method)
-    overrides = tuple((role, _weight_quant(bits, opts.group_size if bits == 4 else None, opts.method))
-                      for role, bits in opts.resolved_layer_bits(DEFAULT_LAYER_BITS))
+    overrides = tuple(
+        (role, _weight_quant(bits, opts.group_size if bits == 4 else None, opts.method))
+        for role, bits in opts.resolved_layer_bits(DEFAULT_LAYER_BITS)
+    )
     # compute_dtype stays fp32: the twin isolates *weight rounding*; fp16 arithmetic is part of the
     # lowering error measured artifact-vs-twin (RMSNorm statistics are fp32 in both).
-    return QuantScheme(linear=linear, embedding=embedding, output=embedding, compute_dtype=torch.float32, overrides=overrides)
+    return QuantScheme(
+        linear=linear, embedding=embedding, output=embedding, compute_dtype=torch.float32, overrides=overrides
+    )
 
 
 # ----------------------------------------------------------------------------- Core ML-facing module
@@ -129,7 +135,12 @@ class CoreMLModule(nn.Module):
         cfg = model.config
         self.config, self.schedule = cfg, list(model.schedule)
         self.max_seq_len = model.settings.max_seq_len
-        self.tok_embeddings, self.blocks, self.norm, self.output = model.tok_embeddings, model.blocks, model.norm, model.output
+        self.tok_embeddings, self.blocks, self.norm, self.output = (
+            model.tok_embeddings,
+            model.blocks,
+            model.norm,
+            model.output,
+        )
         self.register_buffer("rope_cos", model.rope_cos.detach().float().clone(), persistent=False)
         self.register_buffer("rope_sin", model.rope_sin.detach().float().clone(), persistent=False)
         shape = (1, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim)
@@ -179,7 +190,11 @@ def _in_rms_statistics(op) -> bool:
         return src is not None and (src.op_type == "pow" or (src.op_type == "mul" and src.x is src.y))
 
     def is_eps_add(op_) -> bool:
-        return op_ is not None and op_.op_type == "add" and (is_mean_of_squares(producer(op_.x)) or is_mean_of_squares(producer(op_.y)))
+        return (
+            op_ is not None
+            and op_.op_type == "add"
+            and (is_mean_of_squares(producer(op_.x)) or is_mean_of_squares(producer(op_.y)))
+        )
 
     def is_rsqrt(op_) -> bool:
         return op_ is not None and op_.op_type == "rsqrt" and is_eps_add(producer(op_.x))
@@ -294,20 +309,33 @@ def _quantize(mlmodel, model: ExportModel, quantized: QuantizedModel) -> tuple[A
                     scale_np = qw.scales.numpy().reshape(data.shape[0], -1).astype(np.float16)
                     offset = None if qw.zeros is None else ints(qw.zeros.reshape(data.shape[0], -1), bits)
                     if tuple(op.outputs[0].shape) != data.shape:
-                        raise RuntimeError(f"coreml export: const {op.name} has shape {op.outputs[0].shape}, weight {data.shape}")
-                    new = mb.constexpr_blockwise_shift_scale(data=data, scale=scale_np, offset=offset, before_op=op, name=op.name + "_quantized")
-                    op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True)
+                        raise RuntimeError(
+                            f"coreml export: const {op.name} has shape {op.outputs[0].shape}, weight {data.shape}"
+                        )
+                    new = mb.constexpr_blockwise_shift_scale(
+                        data=data, scale=scale_np, offset=offset, before_op=op, name=op.name + "_quantized"
+                    )
+                    op.enclosing_block.replace_uses_of_var_after_op(
+                        anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True
+                    )
                     op.enclosing_block.remove_ops([op])
                     done.append(op.name)
 
             for f in prog.functions.values():
                 apply_block(f)
 
-    out = _apply_graph_pass(mlmodel, ExactBlockwiseQuantize(), spec_version=mlmodel.get_spec().specificationVersion, skip_model_load=True)
+    out = _apply_graph_pass(
+        mlmodel, ExactBlockwiseQuantize(), spec_version=mlmodel.get_spec().specificationVersion, skip_model_load=True
+    )
     missing = sorted(set(targets) - set(done))
     if missing:
-        raise RuntimeError(f"coreml export: weight const(s) {missing} not found in the converted program; the converter's naming changed")
-    return out, {"quantized_consts": len(done), "embedding_consts": [n for n in done if n in (_EMBED_CONST, _OUTPUT_CONST)]}
+        raise RuntimeError(
+            f"coreml export: weight const(s) {missing} not found in the converted program; the converter's naming changed"
+        )
+    return out, {
+        "quantized_consts": len(done),
+        "embedding_consts": [n for n in done if n in (_EMBED_CONST, _OUTPUT_CONST)],
+    }
 
 
 def _blob_breakdown(package: Path) -> dict[str, int]:
@@ -324,7 +352,11 @@ def _blob_breakdown(package: Path) -> dict[str, int]:
     for op in fn.block_specializations[fn.opset].operations:
         vals = [("val", v) for v in op.attributes.values() if v.WhichOneof("value") == "blobFileValue"]
         for key, arg in op.inputs.items():
-            vals += [(key, b.value) for b in arg.arguments if b.WhichOneof("binding") == "value" and b.value.WhichOneof("value") == "blobFileValue"]
+            vals += [
+                (key, b.value)
+                for b in arg.arguments
+                if b.WhichOneof("binding") == "value" and b.value.WhichOneof("value") == "blobFileValue"
+            ]
         for key, v in vals:
             off = v.blobFileValue.offset
             if off in seen:
@@ -367,15 +399,19 @@ def _stable_package_ids(package: Path) -> None:
     packages (Core ML only needs the ids consistent)."""
     manifest_path = package / "Manifest.json"
     data = json.loads(manifest_path.read_text())
-    renamed = {old: str(uuid.uuid5(uuid.NAMESPACE_URL, "mobilellm-export/" + entry.get("path", old)))
-               for old, entry in data.get("itemInfoEntries", {}).items()}
+    renamed = {
+        old: str(uuid.uuid5(uuid.NAMESPACE_URL, "mobilellm-export/" + entry.get("path", old)))
+        for old, entry in data.get("itemInfoEntries", {}).items()
+    }
     data["itemInfoEntries"] = {renamed[k]: v for k, v in data.get("itemInfoEntries", {}).items()}
     if data.get("rootModelIdentifier") in renamed:
         data["rootModelIdentifier"] = renamed[data["rootModelIdentifier"]]
     manifest_path.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n")
 
 
-def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | None, opts: TargetOptions, bundle_dir: Path) -> ExportedArtifact:
+def export(
+    model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | None, opts: TargetOptions, bundle_dir: Path
+) -> ExportedArtifact:
     import coremltools as ct
 
     quant_scheme(opts)  # validates bits
@@ -394,7 +430,9 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
         traced = torch.jit.trace(module, example, check_trace=False)
     seq, end = ct.RangeDim(1, n, default=1, symbol="seq_len"), ct.RangeDim(1, n, default=1, symbol="end_pos")
     kv_shape = (1, cfg.n_kv_heads, n, cfg.head_dim)
-    states = [ct.StateType(wrapped_type=ct.TensorType(shape=kv_shape, dtype=np.float16), name=s) for s in module.state_names()]
+    states = [
+        ct.StateType(wrapped_type=ct.TensorType(shape=kv_shape, dtype=np.float16), name=s) for s in module.state_names()
+    ]
     inputs = [
         ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
         ct.TensorType(name="causal_mask", shape=(1, 1, seq, end), dtype=np.float16),
@@ -423,7 +461,9 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
     mlmodel.short_description = f"MobileLLM ({cfg.dim}d x {cfg.n_applied} applied layers, sharing={cfg.sharing}) {opts.bits}-bit, stateful KV cache"
     mlmodel.user_defined_metadata.update(meta)
     mlmodel.input_description["input_ids"] = "token ids, int32 [1, S], 1 <= S"
-    mlmodel.input_description["causal_mask"] = f"additive mask fp16 [1, 1, S, start+S]: 0 = attend, {MASK_VALUE} = masked (row i may see keys 0..start+i)"
+    mlmodel.input_description["causal_mask"] = (
+        f"additive mask fp16 [1, 1, S, start+S]: 0 = attend, {MASK_VALUE} = masked (row i may see keys 0..start+i)"
+    )
     mlmodel.output_description["logits"] = "next-token logits fp16 [1, S, vocab]"
     package = bundle_dir / PACKAGE
     if package.exists():
@@ -436,7 +476,11 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
 
     saved = CoreMLEvaluator(package)  # also proves every emitted op is one the evaluator knows
     op_counts = Counter(t for t in saved.op_types)
-    fp32_ops = sum(1 for op in saved.block.operations if op.type in ("pow", "reduce_mean", "rsqrt") and op.outputs and op.outputs[0].type.tensorType.dataType == 11)
+    fp32_ops = sum(
+        1
+        for op in saved.block.operations
+        if op.type in ("pow", "reduce_mean", "rsqrt") and op.outputs and op.outputs[0].type.tensorType.dataType == 11
+    )
     weight_bin = package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
     minimum = _min_bytes(model, opts)
     breakdown = _blob_breakdown(package)
@@ -444,8 +488,13 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
     io = {
         "inputs": [
             {"name": "input_ids", "dtype": "int32", "shape": [1, f"1..{n}"]},
-            {"name": "causal_mask", "dtype": "float16", "shape": [1, 1, f"1..{n}", f"start+S (1..{n})"],
-             "description": f"additive: 0 attend, {MASK_VALUE} masked; row i sees keys 0..start+i", "masked_value": MASK_VALUE},
+            {
+                "name": "causal_mask",
+                "dtype": "float16",
+                "shape": [1, 1, f"1..{n}", f"start+S (1..{n})"],
+                "description": f"additive: 0 attend, {MASK_VALUE} masked; row i sees keys 0..start+i",
+                "masked_value": MASK_VALUE,
+            },
         ],
         "outputs": [{"name": "logits", "dtype": "float16", "shape": [1, "S", cfg.vocab_size]}],
         "states": [{"name": s, "dtype": "float16", "shape": list(kv_shape)} for s in module.state_names()],
@@ -459,10 +508,17 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
         "compute_precision": "fp16; RMSNorm statistics (pow/reduce_mean/add/rsqrt/mul) fp32",
         "fp32_norm_ops": fp32_ops,
         "quantization": {
-            "linear": {4: f"int4 per-block (block {opts.group_size}, input axis), fp16 scales", 8: "int8 per-channel, fp16 scales", 16: "fp16"}[opts.bits],
+            "linear": {
+                4: f"int4 per-block (block {opts.group_size}, input axis), fp16 scales",
+                8: "int8 per-channel, fp16 scales",
+                16: "fp16",
+            }[opts.bits],
             "method": opts.method.describe(),
             "zero_points": quantized.scheme.linear.zero_points,
-            "embedding": {4: f"int4 per-block ({opts.group_size})", 8: "int8 per-channel (per vocab row)", 16: "fp16"}[eb] + (" (shared with the output projection, stored once)" if cfg.share_embedding else ""),
+            "embedding": {4: f"int4 per-block ({opts.group_size})", 8: "int8 per-channel (per vocab row)", 16: "fp16"}[
+                eb
+            ]
+            + (" (shared with the output projection, stored once)" if cfg.share_embedding else ""),
             "op": "constexpr_blockwise_shift_scale" if opts.bits != 16 or eb != 16 else None,
             **qdetail,
         },
@@ -485,7 +541,9 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
     }
     # Timings vary run to run; the bundle keeps only what identical inputs reproduce byte for byte.
     stable_info = {k: v for k, v in info.items() if not k.endswith("_seconds")}
-    (bundle_dir / "coreml_info.json").write_text(json.dumps({"io": io, "info": stable_info}, indent=2, default=str) + "\n")
+    (bundle_dir / "coreml_info.json").write_text(
+        json.dumps({"io": io, "info": stable_info}, indent=2, default=str) + "\n"
+    )
     files.append("coreml_info.json")
     return ExportedArtifact(target=NAME, files=files, io=io, info=info)
 
@@ -527,7 +585,8 @@ class CoreMLDeviceRuntime:  # pragma: no cover - needs macOS 15+; cannot run on 
     def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         out = self.model.predict(
-            {"input_ids": tokens.astype(np.int32)[None], "causal_mask": causal_mask(start, len(tokens))}, state=self.state
+            {"input_ids": tokens.astype(np.int32)[None], "causal_mask": causal_mask(start, len(tokens))},
+            state=self.state,
         )
         return np.asarray(out["logits"][0], dtype=np.float32)
 
@@ -548,7 +607,11 @@ def speed_unmeasurable_reason() -> str | None:
     """Why speed/RAM of this target cannot be benchmarked on this machine (None: it can).
 
     The Linux evaluator checks numbers, not speed: timing it would say nothing about a phone."""
-    return None if _device_available() else "Core ML runs only on Apple OSes (macOS 15 / iOS 18); this machine can convert and check parity, not time it"
+    return (
+        None
+        if _device_available()
+        else "Core ML runs only on Apple OSes (macOS 15 / iOS 18); this machine can convert and check parity, not time it"
+    )
 
 
 def open_runtime(bundle_dir: Path, manifest: dict[str, Any], device: bool | None = None):
@@ -569,4 +632,6 @@ def open_runtime(bundle_dir: Path, manifest: dict[str, Any], device: bool | None
     except UnsupportedOpError:
         raise
     except Exception as exc:  # truncated/corrupt weight.bin, spec, manifest
-        raise UserError(f"{package}: corrupt or unreadable Core ML package ({type(exc).__name__}: {exc}); re-export it") from None
+        raise UserError(
+            f"{package}: corrupt or unreadable Core ML package ({type(exc).__name__}: {exc}); re-export it"
+        ) from None

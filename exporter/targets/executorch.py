@@ -118,7 +118,9 @@ def _embedding_quant(opts: TargetOptions) -> WeightQuant:
         return WeightQuant(16, float_dtype=torch.float32)
     # embedding_byte / embedding_4bit keep fp32 scales; 8-bit is one scale per row.
     group = opts.group_size if bits == 4 else None
-    wq = WeightQuant(bits, group_size=group, scale_dtype=torch.float32, negative_scales=False, group_size_cap=EMBEDDING_4BIT_GROUP)
+    wq = WeightQuant(
+        bits, group_size=group, scale_dtype=torch.float32, negative_scales=False, group_size_cap=EMBEDDING_4BIT_GROUP
+    )
     return opts.method.apply(wq, has_zero_points=False)
 
 
@@ -126,10 +128,14 @@ def _linear_quant(bits: int, opts: TargetOptions) -> WeightQuant:
     if bits == 16:
         return WeightQuant(16, float_dtype=torch.float32)
     if bits == 8:
-        return opts.method.apply(WeightQuant(8, group_size=None, scale_dtype=torch.float32, negative_scales=False), has_zero_points=False)
+        return opts.method.apply(
+            WeightQuant(8, group_size=None, scale_dtype=torch.float32, negative_scales=False), has_zero_points=False
+        )
     # XNNPACK serializes per-channel-group scales as bf16 (node_visitor.get_quant_params).
-    return opts.method.apply(WeightQuant(4, group_size=opts.group_size, scale_dtype=torch.bfloat16, negative_scales=False),
-                             has_zero_points=False)
+    return opts.method.apply(
+        WeightQuant(4, group_size=opts.group_size, scale_dtype=torch.bfloat16, negative_scales=False),
+        has_zero_points=False,
+    )
 
 
 def output_bits(opts: TargetOptions) -> int:
@@ -143,9 +149,14 @@ def quant_scheme(opts: TargetOptions) -> QuantScheme:
     # The output projection is a separately stored linear (see _separate_output), quantized like the
     # linears unless --output-bits says otherwise; int8 dynamic activations wherever weights are ints.
     overrides = tuple((role, _linear_quant(bits, opts)) for role, bits in opts.resolved_layer_bits({}))
-    return QuantScheme(linear=linear, embedding=_embedding_quant(opts), output=_linear_quant(output_bits(opts), opts),
-                       activations="none" if opts.bits == 16 else "int8_per_token", separate_output=_separate_output(opts),
-                       overrides=overrides)
+    return QuantScheme(
+        linear=linear,
+        embedding=_embedding_quant(opts),
+        output=_linear_quant(output_bits(opts), opts),
+        activations="none" if opts.bits == 16 else "int8_per_token",
+        separate_output=_separate_output(opts),
+        overrides=overrides,
+    )
 
 
 # ============================================================================ custom-op attention
@@ -230,7 +241,9 @@ def _torchao_weight(qw: QuantizedWeight, activations: bool) -> Tensor:
         target_dtype=getattr(torch, f"int{qw.wq.bits}"),
         block_size=(1, qw.group_size),
         dtype=torch.float32,
-        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if activations else None,
+        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN
+        if activations
+        else None,
     )
 
 
@@ -258,7 +271,9 @@ def _quantize_for_export(model: ExportModel, quantized: QuantizedModel) -> Expor
     return m
 
 
-def lower_to_pte(model: ExportModel, quantized: QuantizedModel, metadata: dict[str, Any], custom_ops: bool) -> tuple[bytes, dict[str, float]]:
+def lower_to_pte(
+    model: ExportModel, quantized: QuantizedModel, metadata: dict[str, Any], custom_ops: bool
+) -> tuple[bytes, dict[str, float]]:
     """The .pte bytes and the seconds each phase took."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -301,8 +316,11 @@ def minimum_bytes(cfg: Any, opts: TargetOptions) -> dict[str, int]:
     s = quant_scheme(opts)
     d, kv, ffn, v = cfg.dim, cfg.kv_dim, cfg.ffn_dim, cfg.vocab_size
     block = (
-        nbytes(d + 2 * kv, d, s.linear) + nbytes(d, d, s.linear)
-        + nbytes(2 * ffn, d, s.linear) + nbytes(d, ffn, s.linear) + 2 * d * 4
+        nbytes(d + 2 * kv, d, s.linear)
+        + nbytes(d, d, s.linear)
+        + nbytes(2 * ffn, d, s.linear)
+        + nbytes(d, ffn, s.linear)
+        + 2 * d * 4
     )
     emb = nbytes(v, d, s.embedding)
     out = nbytes(v, d, s.output) if (_separate_output(opts) or not cfg.share_embedding) else 0
@@ -342,8 +360,15 @@ def _output_note(cfg: Any, opts: TargetOptions, copies: int | None) -> str:
     return f"fp32 table shared by lookup and projection in the graph; found {copies} time(s) in the .pte"
 
 
-def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | None, opts: TargetOptions, bundle_dir: Path, *,
-           custom_ops: bool | None = None) -> ExportedArtifact:
+def export(
+    model: ExportModel,
+    quantized: QuantizedModel,
+    ckpt: Checkpoint | None,
+    opts: TargetOptions,
+    bundle_dir: Path,
+    *,
+    custom_ops: bool | None = None,
+) -> ExportedArtifact:
     cfg = model.config
     _check_bits(opts)
     check_group_size(cfg, opts)
@@ -360,7 +385,9 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
     info: dict[str, Any] = {
         "runtime": "executorch 1.5 (XNNPACK delegate + portable/optimized kernels), stock TextLLMRunner",
         "lowering": "torch.export -> to_edge_transform_and_lower(XnnpackPartitioner) -> to_executorch",
-        "attention": "llama::update_cache + llama::custom_sdpa" if use_custom else "plain graph (slice copy_ cache update, decomposed SDPA)",
+        "attention": "llama::update_cache + llama::custom_sdpa"
+        if use_custom
+        else "plain graph (slice copy_ cache update, decomposed SDPA)",
         "weights": {
             4: f"int4 symmetric group-wise (group {opts.group_size}, torchao scale amax/7.5, bf16 scales in XNNPACK), int8 dynamic per-token asymmetric activations (8da4w)",
             8: "int8 symmetric per-output-channel (torchao scale amax/127.5, fp32 scales), int8 dynamic per-token asymmetric activations (8da8w)",
@@ -380,7 +407,11 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
         "pte_over_minimum": round(len(buf) / mins["total"], 4),
         "embedding_table_copies_in_pte": copies,
         "embedding_stored_once": (not _separate_output(opts)) and copies == 1,
-        "extra_bytes_for_output_projection": mins["output_projection"] if _separate_output(opts) else (copies - 1) * mins["embedding"] if copies else None,
+        "extra_bytes_for_output_projection": mins["output_projection"]
+        if _separate_output(opts)
+        else (copies - 1) * mins["embedding"]
+        if copies
+        else None,
         "export_seconds": round(time.perf_counter() - t0, 1),
         "export_phase_seconds": phase_seconds,
         "metadata": meta,
@@ -430,7 +461,9 @@ def enable_xnnpack_weight_cache() -> bool:
     if os.environ.get("MOBILELLM_ET_WEIGHT_CACHE", "1") == "0":
         return False
     try:
-        lib = ctypes.CDLL(str(Path(executorch.runtime.__file__).parents[1] / "lib" / "libexecutorch.so"), mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(
+            str(Path(executorch.runtime.__file__).parents[1] / "lib" / "libexecutorch.so"), mode=ctypes.RTLD_GLOBAL
+        )
         set_option, get_option = getattr(lib, _SET_OPTION), getattr(lib, _GET_OPTION)
     except (OSError, AttributeError):
         return False
@@ -447,8 +480,12 @@ def enable_xnnpack_weight_cache() -> bool:
     if set_option(b"XnnpackBackend", ctypes.addressof(on := option(True)), 1) != 0:
         return False
     readback = option(False)
-    return get_option(b"XnnpackBackend", ctypes.addressof(readback), 1) == 0 and readback[_OPTION_INDEX_AT] == 0 \
-        and readback[_OPTION_VALUE_AT] == 1 and on[_OPTION_VALUE_AT] == 1
+    return (
+        get_option(b"XnnpackBackend", ctypes.addressof(readback), 1) == 0
+        and readback[_OPTION_INDEX_AT] == 0
+        and readback[_OPTION_VALUE_AT] == 1
+        and on[_OPTION_VALUE_AT] == 1
+    )
 
 
 class _CapturedStderr:
@@ -504,7 +541,9 @@ class ExecuTorchRuntime:
                 detail = [line for line in native.read().strip().splitlines() if "cpuinfo" not in line]
                 failed = [line for line in detail if "fail" in line.lower()] or detail
                 reason = failed[0].split("] ", 1)[-1] if failed else str(exc)
-                raise UserError(f"{pte_path}: not a loadable ExecuTorch program ({reason}); re-export the bundle") from None
+                raise UserError(
+                    f"{pte_path}: not a loadable ExecuTorch program ({reason}); re-export the bundle"
+                ) from None
 
     def reset(self) -> None:
         self._method = None  # drop the old planned memory first
@@ -559,6 +598,8 @@ def generate_with_runner(
         if on_piece is not None:
             on_piece(piece)
 
-    config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=1 if bos else 0)
+    config = GenerationConfig(
+        echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=1 if bos else 0
+    )
     runner.generate(prompt, config, token_callback=collect)
     return "".join(pieces)

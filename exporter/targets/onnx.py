@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,7 +87,9 @@ class GraphOptions:
 
     fused_norm: bool = True  # RMSNormalization + SkipSimplifiedLayerNormalization vs. Pow/ReduceMean/... + Add
     attention: Literal["gqa", "plain"] = "gqa"  # GroupQueryAttention vs. MatMul/Softmax with Concat caches
-    rotary: Literal["in_attention", "op", "plain"] = "in_attention"  # GQA's do_rotary, RotaryEmbedding op, or Mul/Concat
+    rotary: Literal["in_attention", "op", "plain"] = (
+        "in_attention"  # GQA's do_rotary, RotaryEmbedding op, or Mul/Concat
+    )
     accuracy_level_4bit: int = DEFAULT_ACCURACY_LEVEL_4BIT
     accuracy_level_8bit: int = DEFAULT_ACCURACY_LEVEL_8BIT
 
@@ -110,9 +112,13 @@ def _check_opts(opts: TargetOptions) -> None:
     if opts.bits not in (4, 8, 16):
         raise UserError(f"--bits {opts.bits} is not supported by the onnx target; use 4, 8 or 16")
     if opts.resolved_embedding_bits() not in (4, 8, 16):
-        raise UserError(f"--embedding-bits {opts.resolved_embedding_bits()} is not supported by the onnx target; use 4, 8 or 16")
+        raise UserError(
+            f"--embedding-bits {opts.resolved_embedding_bits()} is not supported by the onnx target; use 4, 8 or 16"
+        )
     if opts.group_size not in _BLOCK_SIZES:
-        raise UserError(f"--group-size {opts.group_size} is not supported by MatMulNBits; use one of {', '.join(map(str, _BLOCK_SIZES))}")
+        raise UserError(
+            f"--group-size {opts.group_size} is not supported by MatMulNBits; use one of {', '.join(map(str, _BLOCK_SIZES))}"
+        )
 
 
 def _weight_quant(bits: int, group_size: int, method: QuantMethod, accuracy_level: int = 0) -> WeightQuant:
@@ -125,7 +131,10 @@ def _weight_quant(bits: int, group_size: int, method: QuantMethod, accuracy_leve
     # per block of `group_size` (measured: matches to 4e-7 relative).
     act_block = group_size if accuracy_level == 4 else None
     cap = EIGHT_BIT_BLOCK if bits == 8 else None
-    return method.apply(WeightQuant(bits, group_size, scale_dtype=torch.float32, act_block=act_block, group_size_cap=cap), has_zero_points=True)
+    return method.apply(
+        WeightQuant(bits, group_size, scale_dtype=torch.float32, act_block=act_block, group_size_cap=cap),
+        has_zero_points=True,
+    )
 
 
 def quant_scheme(opts: TargetOptions, graph: GraphOptions | None = None) -> QuantScheme:
@@ -148,8 +157,10 @@ def quant_scheme(opts: TargetOptions, graph: GraphOptions | None = None) -> Quan
     linear = _weight_quant(opts.bits, opts.group_size, opts.method, graph.accuracy_level(opts.bits))
     emb = _weight_quant(emb_bits, opts.group_size, opts.method)
     out = _weight_quant(emb_bits, opts.group_size, opts.method, graph.accuracy_level(emb_bits))
-    overrides = tuple((role, _weight_quant(bits, opts.group_size, opts.method, graph.accuracy_level(bits)))
-                      for role, bits in opts.resolved_layer_bits(DEFAULT_LAYER_BITS))
+    overrides = tuple(
+        (role, _weight_quant(bits, opts.group_size, opts.method, graph.accuracy_level(bits)))
+        for role, bits in opts.resolved_layer_bits(DEFAULT_LAYER_BITS)
+    )
     return QuantScheme(linear=linear, embedding=emb, output=out, compute_dtype=torch.float32, overrides=overrides)
 
 
@@ -209,7 +220,15 @@ class _Graph:
         self._n += 1
         return f"{base}_{self._n}"
 
-    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", outputs: list[str] | None = None, **attrs: Any) -> Any:
+    def node(
+        self,
+        op: str,
+        inputs: list[str],
+        n_out: int = 1,
+        domain: str = "",
+        outputs: list[str] | None = None,
+        **attrs: Any,
+    ) -> Any:
         outs = outputs or [self.name(op.lower()) for _ in range(n_out)]
         self.nodes.append(self.h.make_node(op, inputs, outs, name=self.name("/" + op), domain=domain, **attrs))
         return outs[0] if len(outs) == 1 else outs
@@ -218,7 +237,15 @@ class _Graph:
         from onnx import numpy_helper
 
         out = self.name("const")
-        self.nodes.append(self.h.make_node("Constant", [], [out], name=self.name("/Constant"), value=numpy_helper.from_array(np.asarray(value, dtype=dtype))))
+        self.nodes.append(
+            self.h.make_node(
+                "Constant",
+                [],
+                [out],
+                name=self.name("/Constant"),
+                value=numpy_helper.from_array(np.asarray(value, dtype=dtype)),
+            )
+        )
         return out
 
     def init(self, name: str, array: np.ndarray, kind: str) -> str:
@@ -296,7 +323,16 @@ class _Builder:
     def linear(self, x: str, w: _Weight) -> str:
         n, k = w.shape
         if w.wq.bits < 16:
-            return self.g.node("MatMulNBits", [x, *w.nbits_inputs()], domain=MS, K=k, N=n, bits=w.wq.bits, block_size=w.wq.group(w.shape[1]), accuracy_level=self.graph_options.accuracy_level(w.wq.bits))
+            return self.g.node(
+                "MatMulNBits",
+                [x, *w.nbits_inputs()],
+                domain=MS,
+                K=k,
+                N=n,
+                bits=w.wq.bits,
+                block_size=w.wq.group(w.shape[1]),
+                accuracy_level=self.graph_options.accuracy_level(w.wq.bits),
+            )
         # x [B, S, K] @ W^T with W [N, K] stored once: Gemm(transB) on the flattened rows.
         g = self.g
         flat = g.node("Reshape", [x, g.const([-1, k])])
@@ -311,7 +347,15 @@ class _Builder:
             # trailing unit axis (same rank as the data), a tiny node onnxruntime folds at load.
             scales3 = g.node("Unsqueeze", [w.scales, g.const([2])])
             zeros = [self._zero_points_per_row(w)] if w.zero_points else []
-            e = g.node("GatherBlockQuantized", [w.codes, ids, scales3, *zeros], domain=MS, bits=w.wq.bits, block_size=w.wq.group(w.shape[1]), gather_axis=0, quantize_axis=2)
+            e = g.node(
+                "GatherBlockQuantized",
+                [w.codes, ids, scales3, *zeros],
+                domain=MS,
+                bits=w.wq.bits,
+                block_size=w.wq.group(w.shape[1]),
+                gather_axis=0,
+                quantize_axis=2,
+            )
             return g.node("Reshape", [e, g.const([0, 0, -1])])
         return g.node("Gather", [self.as_f32(w), ids], axis=0)
 
@@ -325,7 +369,9 @@ class _Builder:
             return g.node("Unsqueeze", [w.zero_points, g.const([2])])
         low = g.node("BitwiseAnd", [w.zero_points, g.const(15, np.uint8)])
         high = g.node("BitShift", [w.zero_points, g.const(4, np.uint8)], direction="RIGHT")
-        pairs = g.node("Concat", [g.node("Unsqueeze", [low, g.const([2])]), g.node("Unsqueeze", [high, g.const([2])])], axis=2)
+        pairs = g.node(
+            "Concat", [g.node("Unsqueeze", [low, g.const([2])]), g.node("Unsqueeze", [high, g.const([2])])], axis=2
+        )
         flat = g.node("Reshape", [pairs, g.const([0, -1])])
         first = g.node("Slice", [flat, g.const([0]), g.const([blocks]), g.const([1])])
         return g.node("Unsqueeze", [first, g.const([2])])
@@ -343,7 +389,13 @@ class _Builder:
         g = self.g
         if self.graph_options.fused_norm:
             outs = [g.name("skipnorm"), "", "", g.name("residual")]
-            g.node("SkipSimplifiedLayerNormalization", [delta, residual, gain], domain=MS, outputs=outs, epsilon=self.cfg.norm_eps)
+            g.node(
+                "SkipSimplifiedLayerNormalization",
+                [delta, residual, gain],
+                domain=MS,
+                outputs=outs,
+                epsilon=self.cfg.norm_eps,
+            )
             return outs[0], outs[3]
         h = g.node("Add", [residual, delta])
         return self.rms(h, gain), h
@@ -364,7 +416,9 @@ class _Builder:
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, cfg.vocab_size])]
         for i in range(n_app):
             for kind in ("key", "value"):
-                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape(P)))
+                inputs.append(
+                    helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape(P))
+                )
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape(T)))
 
         sch = self.scheme
@@ -376,7 +430,9 @@ class _Builder:
             lin = {}
             names = ("wqkv", "wo", "w13", "w2") if m.settings.fuse else ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
             for nm in names:
-                lin[nm] = self.weight(f"blocks.{b}.{nm}.weight", p + nm + ".weight", self.quantized.formats[f"blocks.{b}.{nm}.weight"])
+                lin[nm] = self.weight(
+                    f"blocks.{b}.{nm}.weight", p + nm + ".weight", self.quantized.formats[f"blocks.{b}.{nm}.weight"]
+                )
             lin["attention_norm"] = self.norm_gain(blk.attention_norm, p + "attention_norm.weight")
             lin["ffn_norm"] = self.norm_gain(blk.ffn_norm, p + "ffn_norm.weight")
             blocks.append(lin)
@@ -388,13 +444,33 @@ class _Builder:
 
         # Shared per-step tensors
         if self.graph_options.attention == "gqa":
-            total = g.node("Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)], axis=0)], to=TensorProto.INT32)
-            seqlens_k = g.node("Cast", [g.node("Sub", [g.node("ReduceSum", ["attention_mask", g.const([1])], keepdims=0), g.const(1)])], to=TensorProto.INT32)
+            total = g.node(
+                "Cast",
+                [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)], axis=0)],
+                to=TensorProto.INT32,
+            )
+            seqlens_k = g.node(
+                "Cast",
+                [g.node("Sub", [g.node("ReduceSum", ["attention_mask", g.const([1])], keepdims=0), g.const(1)])],
+                to=TensorProto.INT32,
+            )
         else:
             mask = self._additive_mask()
         if self.graph_options.rotary == "plain":
-            cos_full = g.node("Unsqueeze", [g.node("Gather", [g.node("Concat", [rope_cos, rope_cos], axis=-1), "position_ids"], axis=0), g.const([1])])
-            sin_full = g.node("Unsqueeze", [g.node("Gather", [g.node("Concat", [rope_sin, rope_sin], axis=-1), "position_ids"], axis=0), g.const([1])])
+            cos_full = g.node(
+                "Unsqueeze",
+                [
+                    g.node("Gather", [g.node("Concat", [rope_cos, rope_cos], axis=-1), "position_ids"], axis=0),
+                    g.const([1]),
+                ],
+            )
+            sin_full = g.node(
+                "Unsqueeze",
+                [
+                    g.node("Gather", [g.node("Concat", [rope_sin, rope_sin], axis=-1), "position_ids"], axis=0),
+                    g.const([1]),
+                ],
+            )
 
         h = self.embed("input_ids", emb)
         x = self.rms(h, blocks[m.schedule[0]]["attention_norm"])
@@ -404,37 +480,86 @@ class _Builder:
             pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
             if m.settings.fuse:
                 qkv = self.linear(x, w["wqkv"])
-                q_, k_, v_ = (qkv, "", "") if self.graph_options.rotary == "in_attention" else g.node("Split", [qkv, g.const([cfg.dim, cfg.kv_dim, cfg.kv_dim])], n_out=3, axis=-1)
+                q_, k_, v_ = (
+                    (qkv, "", "")
+                    if self.graph_options.rotary == "in_attention"
+                    else g.node("Split", [qkv, g.const([cfg.dim, cfg.kv_dim, cfg.kv_dim])], n_out=3, axis=-1)
+                )
             else:
                 q_, k_, v_ = (self.linear(x, w[n]) for n in ("wq", "wk", "wv"))
             if self.graph_options.rotary == "op":
-                q_ = g.node("RotaryEmbedding", [q_, "position_ids", rope_cos, rope_sin], domain=MS, interleaved=0, num_heads=cfg.n_heads)
-                k_ = g.node("RotaryEmbedding", [k_, "position_ids", rope_cos, rope_sin], domain=MS, interleaved=0, num_heads=cfg.n_kv_heads)
+                q_ = g.node(
+                    "RotaryEmbedding",
+                    [q_, "position_ids", rope_cos, rope_sin],
+                    domain=MS,
+                    interleaved=0,
+                    num_heads=cfg.n_heads,
+                )
+                k_ = g.node(
+                    "RotaryEmbedding",
+                    [k_, "position_ids", rope_cos, rope_sin],
+                    domain=MS,
+                    interleaved=0,
+                    num_heads=cfg.n_kv_heads,
+                )
             if self.graph_options.attention == "gqa":
                 extra = [rope_cos, rope_sin] if self.graph_options.rotary == "in_attention" else []
                 attn = g.node(
-                    "GroupQueryAttention", [q_, k_, v_, past_k, past_v, seqlens_k, total, *extra], domain=MS,
-                    outputs=[g.name("attn"), pres_k, pres_v], num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads,
-                    scale=float(cfg.head_dim ** -0.5), do_rotary=int(self.graph_options.rotary == "in_attention"), rotary_interleaved=0,
+                    "GroupQueryAttention",
+                    [q_, k_, v_, past_k, past_v, seqlens_k, total, *extra],
+                    domain=MS,
+                    outputs=[g.name("attn"), pres_k, pres_v],
+                    num_heads=cfg.n_heads,
+                    kv_num_heads=cfg.n_kv_heads,
+                    scale=float(cfg.head_dim**-0.5),
+                    do_rotary=int(self.graph_options.rotary == "in_attention"),
+                    rotary_interleaved=0,
                 )[0]
             else:
-                attn = self._plain_attention(q_, k_, v_, past_k, past_v, pres_k, pres_v, mask, cos_full if self.graph_options.rotary == "plain" else None, sin_full if self.graph_options.rotary == "plain" else None)
+                attn = self._plain_attention(
+                    q_,
+                    k_,
+                    v_,
+                    past_k,
+                    past_v,
+                    pres_k,
+                    pres_v,
+                    mask,
+                    cos_full if self.graph_options.rotary == "plain" else None,
+                    sin_full if self.graph_options.rotary == "plain" else None,
+                )
             x, h = self.add_rms(self.linear(attn, w["wo"]), h, w["ffn_norm"])
             if m.settings.fuse:
-                gate, up = g.node("Split", [self.linear(x, w["w13"]), g.const([cfg.ffn_dim, cfg.ffn_dim])], n_out=2, axis=-1)
+                gate, up = g.node(
+                    "Split", [self.linear(x, w["w13"]), g.const([cfg.ffn_dim, cfg.ffn_dim])], n_out=2, axis=-1
+                )
             else:
                 gate, up = self.linear(x, w["w1"]), self.linear(x, w["w3"])
             act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up])
             nxt = blocks[m.schedule[i + 1]]["attention_norm"] if i + 1 < n_app else final_norm
             x, h = self.add_rms(self.linear(act, w["w2"]), h, nxt)
         if out_w.wq.bits < 16:
-            g.node("MatMulNBits", [x, *out_w.nbits_inputs()], domain=MS, outputs=["logits"], K=out_w.shape[1], N=out_w.shape[0],
-                   bits=out_w.wq.bits, block_size=out_w.wq.group(out_w.shape[1]), accuracy_level=self.graph_options.accuracy_level(out_w.wq.bits))
+            g.node(
+                "MatMulNBits",
+                [x, *out_w.nbits_inputs()],
+                domain=MS,
+                outputs=["logits"],
+                K=out_w.shape[1],
+                N=out_w.shape[0],
+                bits=out_w.wq.bits,
+                block_size=out_w.wq.group(out_w.shape[1]),
+                accuracy_level=self.graph_options.accuracy_level(out_w.wq.bits),
+            )
         else:
             g.node("Identity", [self.linear(x, out_w)], outputs=["logits"])
 
         graph = helper.make_graph(g.nodes, "mobilellm", inputs, outputs, list(g.inits.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], ir_version=10, producer_name="mobilellm-export")
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+            ir_version=10,
+            producer_name="mobilellm-export",
+        )
         return model
 
     def _additive_mask(self) -> str:
@@ -450,7 +575,19 @@ class _Builder:
         neg = g.const(np.finfo(np.float32).min, np.float32)
         return g.node("Unsqueeze", [g.node("Where", [allowed, g.const(0.0, np.float32), neg]), g.const([1])])
 
-    def _plain_attention(self, q: str, k: str, v: str, past_k: str, past_v: str, pres_k: str, pres_v: str, mask: str, cos: str | None, sin: str | None) -> str:
+    def _plain_attention(
+        self,
+        q: str,
+        k: str,
+        v: str,
+        past_k: str,
+        past_v: str,
+        pres_k: str,
+        pres_v: str,
+        mask: str,
+        cos: str | None,
+        sin: str | None,
+    ) -> str:
         cfg, g = self.cfg, self.g
 
         def heads(t: str, n: int) -> str:  # [B, S, n*H] -> [B, n, S, H]
@@ -470,14 +607,28 @@ class _Builder:
         keys, values = pres_k, pres_v
         rep = cfg.n_heads // cfg.n_kv_heads
         if rep > 1:
+
             def repeat(t: str) -> str:  # [B, Nkv, T, H] -> [B, Nkv*rep, T, H], head j reads kv head j // rep
                 shp = g.node("Shape", [t])
                 b_, n_, t_, h_ = (g.node("Slice", [shp, g.const([i]), g.const([i + 1])]) for i in range(4))
                 big = g.node("Concat", [b_, n_, g.const([rep]), t_, h_], axis=0)
                 e = g.node("Expand", [g.node("Unsqueeze", [t, g.const([2])]), big])
                 return g.node("Reshape", [e, g.const([0, cfg.n_heads, -1, cfg.head_dim])])
+
             keys, values = repeat(keys), repeat(values)
-        scores = g.node("Add", [g.node("Mul", [g.node("MatMul", [qh, g.node("Transpose", [keys], perm=[0, 1, 3, 2])]), g.const(cfg.head_dim ** -0.5, np.float32)]), mask])
+        scores = g.node(
+            "Add",
+            [
+                g.node(
+                    "Mul",
+                    [
+                        g.node("MatMul", [qh, g.node("Transpose", [keys], perm=[0, 1, 3, 2])]),
+                        g.const(cfg.head_dim**-0.5, np.float32),
+                    ],
+                ),
+                mask,
+            ],
+        )
         out = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), values])
         return g.node("Reshape", [g.node("Transpose", [out], perm=[0, 2, 1, 3]), g.const([0, 0, cfg.dim])])
 
@@ -505,9 +656,9 @@ def minimum_bytes(model: ExportModel, opts: TargetOptions) -> dict[str, int]:
 
 def initializer_report(onnx_model: Any) -> dict[str, Any]:
     """Count/bytes of weight initializers and whether any two hold identical bytes."""
-    from onnx import numpy_helper
-
     import hashlib
+
+    from onnx import numpy_helper
 
     rows = []
     digests: dict[str, str] = {}
@@ -523,13 +674,21 @@ def initializer_report(onnx_model: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- export
-def build_onnx(model: ExportModel, quantized: QuantizedModel, opts: TargetOptions, graph: GraphOptions | None = None) -> Any:
+def build_onnx(
+    model: ExportModel, quantized: QuantizedModel, opts: TargetOptions, graph: GraphOptions | None = None
+) -> Any:
     """The onnx.ModelProto for `model` holding `quantized`'s codes (weights inline)."""
     return _Builder(model, quantized, opts, graph or GraphOptions()).build()
 
 
-def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | None, opts: TargetOptions, bundle_dir: Path,
-           graph: GraphOptions | None = None) -> ExportedArtifact:
+def export(
+    model: ExportModel,
+    quantized: QuantizedModel,
+    ckpt: Checkpoint | None,
+    opts: TargetOptions,
+    bundle_dir: Path,
+    graph: GraphOptions | None = None,
+) -> ExportedArtifact:
     import onnx
 
     graph = graph or GraphOptions()
@@ -540,7 +699,9 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
     inits = initializer_report(proto)
     path = bundle_dir / MODEL_FILE
     # Weights in one external file (mmap-able, no 2 GB protobuf limit); the graph stays readable.
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
+    onnx.save_model(
+        proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0
+    )
     files = [MODEL_FILE, DATA_FILE]
     files += _write_genai_config(bundle_dir, cfg, opts, graph)
     tok_files, tok_note = _write_tokenizer(bundle_dir, getattr(ckpt, "tokenizer_path", None), cfg)
@@ -557,10 +718,20 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
             {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
             {"name": "position_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
-        ] + [{"name": f"past_key_values.{i}.{kv}", "dtype": "float32", "shape": kv_past} for i in range(n_app) for kv in ("key", "value")],
+        ]
+        + [
+            {"name": f"past_key_values.{i}.{kv}", "dtype": "float32", "shape": kv_past}
+            for i in range(n_app)
+            for kv in ("key", "value")
+        ],
         "outputs": [
             {"name": "logits", "dtype": "float32", "shape": ["batch_size", "sequence_length", cfg.vocab_size]},
-        ] + [{"name": f"present.{i}.{kv}", "dtype": "float32", "shape": kv_total} for i in range(n_app) for kv in ("key", "value")],
+        ]
+        + [
+            {"name": f"present.{i}.{kv}", "dtype": "float32", "shape": kv_total}
+            for i in range(n_app)
+            for kv in ("key", "value")
+        ],
         "kv_pairs": n_app,
         "max_seq_len": model.settings.max_seq_len,
     }
@@ -572,7 +743,10 @@ def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint | Non
         "quantization": {
             "linear": _describe(scheme.linear),
             "embedding": _describe(scheme.embedding),
-            "output": {**_describe(scheme.output), "tensor": "the embedding's (shared, stored once)" if model.output is None else "lm_head"},
+            "output": {
+                **_describe(scheme.output),
+                "tensor": "the embedding's (shared, stored once)" if model.output is None else "lm_head",
+            },
             "accuracy_level": {"4bit": graph.accuracy_level_4bit, "8bit": graph.accuracy_level_8bit},
         },
         "initializers": {"count": inits["count"], "bytes": inits["bytes"], "duplicates": len(inits["duplicates"])},
@@ -589,9 +763,17 @@ def _describe(wq: WeightQuant) -> dict[str, Any]:
     if wq.bits >= 16:
         return {"bits": 16, "storage": "float16", "compute": "float32 (Cast folded at session load)"}
     return {
-        "bits": wq.bits, "op": "MatMulNBits", "block_size": wq.group_size, "block_size_8bit_up_to": wq.group_size_cap, "symmetric": not wq.zero_points, "scale_rule": wq.scale_rule,
-        "scale_dtype": "float32", "zero_point": "per block (stored)" if wq.zero_points else 1 << (wq.bits - 1),
-        "activations": f"int8 symmetric per {wq.act_block} (accuracy_level 4)" if wq.act_block else "float32 (accuracy_level 0)",
+        "bits": wq.bits,
+        "op": "MatMulNBits",
+        "block_size": wq.group_size,
+        "block_size_8bit_up_to": wq.group_size_cap,
+        "symmetric": not wq.zero_points,
+        "scale_rule": wq.scale_rule,
+        "scale_dtype": "float32",
+        "zero_point": "per block (stored)" if wq.zero_points else 1 << (wq.bits - 1),
+        "activations": f"int8 symmetric per {wq.act_block} (accuracy_level 4)"
+        if wq.act_block
+        else "float32 (accuracy_level 0)",
     }
 
 
@@ -613,7 +795,11 @@ def _write_genai_config(bundle_dir: Path, cfg: Any, opts: TargetOptions, graph: 
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
                 "num_attention_heads": cfg.n_heads,
                 "num_hidden_layers": n_app,  # KV pairs: one per block application (sharing unrolled)
                 "num_key_value_heads": cfg.n_kv_heads,
@@ -624,12 +810,21 @@ def _write_genai_config(bundle_dir: Path, cfg: Any, opts: TargetOptions, graph: 
             "vocab_size": cfg.vocab_size,
         },
         "search": {
-            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-            "max_length": opts.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": opts.max_seq_len,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
             "num_return_sequences": 1,
             # GroupQueryAttention can write into a max_length present buffer in place; the plain graph concatenates.
             "past_present_share_buffer": graph.attention == "gqa",
-            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
         },
     }
     (bundle_dir / "genai_config.json").write_text(json.dumps(conf, indent=2) + "\n")
@@ -650,10 +845,16 @@ def _write_tokenizer(bundle_dir: Path, tokenizer: Path | None, cfg: Any) -> tupl
     except ImportError as exc:  # transformers/tokenizers are optional at export time
         return [], f"tokenizer.json not written ({exc}); install transformers to convert {tokenizer.name}"
     except Exception as exc:
-        return [], f"tokenizer.json not written: converting {tokenizer.name} failed ({type(exc).__name__}: {str(exc)[:200]})"
+        return (
+            [],
+            f"tokenizer.json not written: converting {tokenizer.name} failed ({type(exc).__name__}: {str(exc)[:200]})",
+        )
     tok.save(str(bundle_dir / "tokenizer.json"))
     _tokenizer_config(bundle_dir, cfg, pieces)
-    return ["tokenizer.json", "tokenizer_config.json"], f"tokenizer.json converted from {tokenizer.name} (transformers SpmConverter, BOS template)"
+    return [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ], f"tokenizer.json converted from {tokenizer.name} (transformers SpmConverter, BOS template)"
 
 
 def spm_to_tokenizers(path: Path) -> tuple[Any, dict[int, str]]:
@@ -678,7 +879,9 @@ def spm_to_tokenizers(path: Path) -> tuple[Any, dict[int, str]]:
     tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in sorted(pieces)])
     if spec.bos_id in pieces:
         bos = pieces[spec.bos_id]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)]
+        )
     named = {name: pieces[i] for name, i in ids.items() if i in pieces}
     return tok, named
 
@@ -718,7 +921,9 @@ class OnnxRuntime:
             self.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # truncated/corrupt model.onnx or model.onnx.data, missing data file
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise UserError(f"{model_path}: onnxruntime cannot load the model ({first}); the bundle is corrupt or incomplete, re-export it") from None
+            raise UserError(
+                f"{model_path}: onnxruntime cannot load the model ({first}); the bundle is corrupt or incomplete, re-export it"
+            ) from None
         names = [i.name for i in self.session.get_inputs()]
         self.n_pairs = sum(1 for n in names if n.startswith("past_key_values.") and n.endswith(".key"))
         past = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
