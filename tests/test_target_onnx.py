@@ -384,11 +384,42 @@ def test_scale_rule_is_onnxruntimes_quantizer(bits: int) -> None:
     np.testing.assert_array_equal(onnx_target.unpack_nbits(ours_packed, ours_scales, bits), wq.fake(w).numpy())
 
 
+def _matmulnbits_session(
+    packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, k: int, n: int, bits: int, accuracy_level: int
+) -> Any:
+    """An onnxruntime session of one MatMulNBits (blocks of 32) over our packed codes/scales/zero points."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")]
+    if zeros is not None:
+        inits.append(numpy_helper.from_array(zeros, "Z"))
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "B", "S", "Z"][: len(inits) + 1],
+        ["y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=32,
+        accuracy_level=accuracy_level,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_accuracy_level_4_rule(bits: int) -> None:
     """One MatMulNBits at accuracy_level 4 equals the twin's rule: int8 symmetric activations per block."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     from mobilellm.exporter.quantize import fake_quant_int8_blockwise
 
@@ -400,32 +431,7 @@ def test_accuracy_level_4_rule(bits: int) -> None:
     assert wq.act_block == 32 and not wq.zero_points  # the default method (GPTQ) is symmetric
     wq = replace(wq, zero_points=True, group_size_cap=None)  # zero points at level 4 too, blocks of 32
     packed, scales, zeros = onnx_target.pack_nbits(wq.quantize(w))
-    node = helper.make_node(
-        "MatMulNBits",
-        ["x", "B", "S", "Z"],
-        ["y"],
-        domain="com.microsoft",
-        K=k,
-        N=n,
-        bits=bits,
-        block_size=32,
-        accuracy_level=4,
-    )
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [
-            numpy_helper.from_array(packed, "B"),
-            numpy_helper.from_array(scales, "S"),
-            numpy_helper.from_array(zeros, "Z"),
-        ],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10
-    )
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = _matmulnbits_session(packed, scales, zeros, k, n, bits, accuracy_level=4)
     x = torch.randn(1, 5, k, generator=torch.Generator().manual_seed(2))
     y = sess.run(None, {"x": x.numpy()})[0]
     twin = (fake_quant_int8_blockwise(x, 32) @ wq.fake(w).T).numpy()
@@ -437,8 +443,6 @@ def test_accuracy_level_4_rule(bits: int) -> None:
 def test_zero_points_pack_as_matmulnbits_reads_them(bits: int) -> None:
     """Asymmetric codes: MatMulNBits (accuracy_level 0) with our packed zero points computes exactly
     the twin's dequantized weight; odd block counts pad the last 4-bit zero-point byte."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     n, k = 48, 96  # 3 blocks of 32: an odd count
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(4)) * 0.05 + 0.01
@@ -446,35 +450,9 @@ def test_zero_points_pack_as_matmulnbits_reads_them(bits: int) -> None:
     assert qw.zeros is not None and bool((qw.zeros != 0).any())
     packed, scales, zeros = onnx_target.pack_nbits(qw)
     np.testing.assert_array_equal(onnx_target.unpack_nbits(packed, scales, bits, zeros), qw.dequantize().numpy())
-    node = helper.make_node(
-        "MatMulNBits",
-        ["x", "B", "S", "Z"],
-        ["y"],
-        domain="com.microsoft",
-        K=k,
-        N=n,
-        bits=bits,
-        block_size=32,
-        accuracy_level=0,
-    )
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [
-            numpy_helper.from_array(packed, "B"),
-            numpy_helper.from_array(scales, "S"),
-            numpy_helper.from_array(zeros, "Z"),
-        ],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10
-    )
+    sess = _matmulnbits_session(packed, scales, zeros, k, n, bits, accuracy_level=0)
     x = torch.randn(1, 3, k, generator=torch.Generator().manual_seed(5))
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[
-        0
-    ]
+    y = sess.run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(y, (x @ qw.dequantize().T).numpy(), atol=1e-5)
 
 
