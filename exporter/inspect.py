@@ -43,6 +43,17 @@ def describe(
         lines.append(
             f"  {bits:>2}-bit        weights {human(est.weight_bytes)}, KV cache {human(est.kv_cache_bytes)}, total {human(est.total_bytes)}"
         )
+    lines.append(
+        "quantization    each target's default (gptq on the shipped calibration text); weight bytes for this model:"
+    )
+    from .quantize import describe_scheme, stored_weight_bytes
+    from .targets import TARGET_NAMES, TargetOptions, load_target
+
+    for target in TARGET_NAMES:
+        for bits in (4, 8):
+            scheme = load_target(target).quant_scheme(TargetOptions(bits=bits))
+            size = stored_weight_bytes(cfg, scheme)["total"]
+            lines.append(f"  {target:<10} {bits}-bit {human(size):>9}  {describe_scheme(scheme)}")
     if ops:
         lines.append("export graph    operator counts (torch.export, fused vs --no-fuse):")
         for fuse in (True, False):

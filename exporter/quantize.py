@@ -593,3 +593,48 @@ def nbytes(rows: int, cols: int, wq: WeightQuant) -> int:
     scale_bytes = torch.tensor([], dtype=wq.scale_dtype).element_size()
     zero_bytes = math.ceil(groups * wq.bits / 8) if wq.zero_points else 0
     return rows * (cols * wq.bits // 8 + groups * scale_bytes + zero_bytes)
+
+
+def stored_weight_bytes(cfg: Any, scheme: QuantScheme) -> dict[str, int]:
+    """Bytes every stored weight takes in `scheme`'s format (codes, scales, zero points; norms fp32),
+    each shared weight once: the size model the memory report and `inspect` print."""
+    d, kv, ffn, vocab = cfg.dim, cfg.kv_dim, cfg.ffn_dim, cfg.vocab_size
+    shapes = {"wqkv": (d + 2 * kv, d), "wo": (d, d), "w13": (2 * ffn, d), "w2": (d, ffn)}
+    blocks = sum(
+        nbytes(rows, cols, scheme.for_weight(f"blocks.{b}.{role}.weight", cfg.n_layers))
+        for b in range(cfg.n_layers)
+        for role, (rows, cols) in shapes.items()
+    )
+    out = {
+        "blocks": blocks,
+        "norms": (2 * cfg.n_layers + 1) * d * 4,
+        "embedding": nbytes(vocab, d, scheme.embedding),
+        "output_projection": nbytes(vocab, d, scheme.output)
+        if scheme.separate_output or not cfg.share_embedding
+        else 0,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def describe_scheme(scheme: QuantScheme) -> str:
+    """One line a person reads: what each kind of weight is stored as."""
+
+    def fmt(wq: WeightQuant) -> str:
+        if wq.bits >= 16:
+            return str(wq.float_dtype).removeprefix("torch.")
+        group = f"/{wq.group_size}" if wq.group_size else "/row"
+        if wq.group_size and wq.group_size_cap:
+            group += f"..{wq.group_size_cap}"  # widened while it divides the width
+        zero = "+zp" if wq.zero_points else ""
+        return f"int{wq.bits}{group}{zero} ({str(wq.scale_dtype).removeprefix('torch.')} scales)"
+
+    parts = [f"linears {fmt(scheme.linear)}"]
+    parts += [f"{selector} {fmt(wq)}" for selector, wq in scheme.overrides]
+    if scheme.separate_output:
+        parts += [f"table {fmt(scheme.embedding)}", f"output projection {fmt(scheme.output)}"]
+    else:
+        parts.append(f"table {fmt(scheme.embedding)} (= output projection)")
+    if scheme.activations == "int8_per_token":
+        parts.append("int8 per-token activations")
+    return ", ".join(parts)
