@@ -19,7 +19,14 @@ import torch
 from conftest import random_model, tiny_config
 from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.export_model import ExportModel, ExportSettings, unique_storages
-from mobilellm.exporter.quantize import QuantizedModel, QuantMethod, WeightQuant, fake_quantized_twin, quantize_model
+from mobilellm.exporter.quantize import (
+    QuantizedModel,
+    QuantMethod,
+    WeightQuant,
+    fake_quantized_twin,
+    quantize_model,
+    stored_weight_bytes,
+)
 from mobilellm.exporter.targets import onnx as onnx_target
 from mobilellm.exporter.targets.base import TargetOptions
 from mobilellm.validation.metrics import compare_logits, perplexity
@@ -239,6 +246,10 @@ def test_initializers_are_the_unique_weights(exported: Exported) -> None:
     assert (
         exported.bundle / onnx_target.DATA_FILE
     ).stat().st_size == nbytes  # the external data is exactly the weights
+    # The one size model (inspect, memory report) predicts the file: weights + the two rope tables.
+    cfg = exported.model.config
+    rope = 2 * exported.model.settings.max_seq_len * (cfg.head_dim // 2) * 4
+    assert stored_weight_bytes(cfg, exported.quantized.scheme)["total"] + rope == nbytes
     # Unique weight storages in the PyTorch module (shared blocks and embedding counted once).
     assert len(unique_storages(exported.model)) == len(
         [n for n in report["names"] if not n.endswith((".scales", ".zero_points")) and not n.startswith("rope.")]
