@@ -20,7 +20,13 @@ RECIPES = sorted((ROOT / "recipes").glob("*/*.toml"))
 def _export_choices(path: Path) -> tuple:
     recipe = load_recipe(path)
     return (
-        tuple(sorted((k, v) for k, v in recipe.export.items() if k != "max_seq_len")),
+        tuple(
+            sorted(
+                (k, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                for k, v in recipe.export.items()
+                if k != "max_seq_len"
+            )
+        ),
         tuple(sorted(recipe.thresholds.items())),
     )
 
