@@ -132,11 +132,12 @@ def compute_golden(runtimes: dict[str, TargetRuntime], all_tokens: np.ndarray, m
 
 # ------------------------------------------------------------------------------ thresholds
 # (metric, op, value): op ">=" means the measured value must be at least the threshold.
-# Set from the real 135M model (SmolLM2-135M, MobileLLM-125M's shape; README "Parity gate" has the
-# figures): a good 4-bit export measured KL 0.044 / decisive top-1 97.9% / perplexity +1% against the
-# reference and KL 0.004 against its twin; artifacts of a damaged checkpoint (one block scaled, two
-# layers swapped, a wrong rope theta) measured KL >= 0.29 against the reference and >= 0.084 against
-# the twin. Greedy-generation match is reported but not gated: one near-tie flip (which the decisive
+# Set from the real 135M model (SmolLM2-135M, MobileLLM-125M's shape; README "The gate" has the
+# figures): good 4-bit exports measured KL 0.044 (ONNX) / 0.089 (ExecuTorch) against the reference and
+# 0.004 (ONNX) / 0.018 (ExecuTorch: XNNPACK's float order flips int8 activation codes, which 30 layers
+# amplify; min cosine 0.968 on one decode step) against their twins; artifacts of a damaged checkpoint
+# (one block scaled, two layers swapped, a wrong rope theta) measured KL >= 0.29 against the reference
+# and >= 0.084 against the twin. The lowering allowance (twin.*) does not depend on the weight bits. Greedy-generation match is reported but not gated: one near-tie flip (which the decisive
 # top-1 ignores) changes every later token, so a good 4-bit export matched its twin for 1 of 16 tokens.
 DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
     16: {
@@ -152,9 +153,9 @@ DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
         "reference.top1_decisive": 0.97,
         "reference.kl_divergence": 0.02,
         "reference.ppl_delta": 0.03,
-        "twin.top1_decisive": 0.99,
-        "twin.kl_divergence": 0.01,
-        "twin.min_cosine": 0.99,
+        "twin.top1_decisive": 0.98,
+        "twin.kl_divergence": 0.04,
+        "twin.min_cosine": 0.95,
         "twin.ppl_delta": 0.01,
     },
     4: {
@@ -162,8 +163,8 @@ DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
         "reference.kl_divergence": 0.15,
         "reference.ppl_delta": 0.15,
         "twin.top1_decisive": 0.98,
-        "twin.kl_divergence": 0.02,
-        "twin.min_cosine": 0.98,
+        "twin.kl_divergence": 0.04,
+        "twin.min_cosine": 0.95,
         "twin.ppl_delta": 0.02,
     },
 }
