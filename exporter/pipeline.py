@@ -25,7 +25,14 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ParityError, UserError
 from .export_model import ExportModel, ExportSettings
 from .memory import human
-from .quantize import QuantizedModel, QuantMethod, calibration_windows, fake_quantized_twin, quantize_model
+from .quantize import (
+    QuantizedModel,
+    QuantMethod,
+    calibration_windows,
+    collect_hessians,
+    fake_quantized_twin,
+    quantize_model,
+)
 from .targets import TargetModule, TargetOptions, load_target
 from .tokenizer import load_tokenizer, parity_tokens
 
@@ -85,9 +92,9 @@ def _divisor_hint(*widths: int) -> str:
     return " or ".join(str(d) for d in (128, 64, 32, 16) if g % d == 0) or str(g)
 
 
-def quantize(model: ExportModel, scheme: Any, calibration: list[Any], act_order: bool, target: str) -> QuantizedModel:
+def quantize(model: ExportModel, scheme: Any, hessians: dict[str, Any], act_order: bool, target: str) -> QuantizedModel:
     t0 = time.time()
-    quantized = quantize_model(model, scheme, calibration or None, act_order)
+    quantized = quantize_model(model, scheme, act_order=act_order, hessians=hessians)
     log(f"[{target}] quantized the weights ({quantized.method}) in {time.time() - t0:.1f}s")
     return quantized
 
@@ -186,6 +193,8 @@ def run_export(options: ExportOptions) -> list[Path]:
     )
     reference = ReferenceRuntime(ckpt.model)
     calibration = calibration_windows(ckpt, options.method, options.max_seq_len)
+    # The fp32 export model's layer inputs are the same for every target: collected once.
+    hessians = collect_hessians(ExportModel.from_reference(ckpt.model, settings), calibration) if calibration else {}
 
     written: list[Path] = []
     failed: list[str] = []
@@ -196,7 +205,7 @@ def run_export(options: ExportOptions) -> list[Path]:
         log(f"[{module.NAME}] exporting {ckpt.source.name} at {opts.bits} bits ...")
         with staged_dir(final) as tmp:
             model = ExportModel.from_reference(ckpt.model, settings)
-            quantized = quantize(model, module.quant_scheme(opts), calibration, opts.method.act_order, module.NAME)
+            quantized = quantize(model, module.quant_scheme(opts), hessians, opts.method.act_order, module.NAME)
             artifact = module.export(model, quantized, ckpt, opts, tmp)
             export_seconds = time.time() - t0
             # Timings differ run to run: logged, kept out of the manifest so bundles are reproducible.

@@ -76,8 +76,7 @@ class WeightQuant:
         w = w.detach().float()
         if hessian is not None:
             return gptq(w, hessian, self, act_order)
-        col_weight = None
-        return _round_groups(w, self, col_weight)
+        return _round_groups(w, self, None)
 
     def fake(self, w: Tensor) -> Tensor:
         """`w` as the runtime holds it (round-to-nearest codes, no calibration)."""
@@ -297,7 +296,8 @@ def collect_hessians(model: ExportModel, token_windows: Iterable[Tensor]) -> dic
     """H = sum x x^T of every linear's input over the calibration windows, keyed like `weight_names`.
 
     A shared block's linear sees every one of its applications, so its H covers both input
-    distributions; the output projection's H comes from the final normed hidden states."""
+    distributions. An untied lm_head's H comes from the final normed hidden states; a tied table is
+    read by the lookup too, so it is rounded to nearest and needs none."""
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -312,9 +312,8 @@ def collect_hessians(model: ExportModel, token_windows: Iterable[Tensor]) -> dic
             if isinstance(child, nn.Linear):
                 key = f"blocks.{b}.{name}.weight"
                 hooks.append(child.register_forward_pre_hook(lambda _m, args, key=key: add(key, args[0])))
-    out_key = "output.weight" if model.output is not None else "tok_embeddings.weight"
-    original_project = model.project
-    model.project = lambda h: (add(out_key, h), original_project(h))[1]  # type: ignore[method-assign]
+    if model.output is not None:
+        hooks.append(model.output.register_forward_pre_hook(lambda _m, args: add("output.weight", args[0])))
     try:
         for window in token_windows:
             model.reset_cache()
@@ -322,7 +321,6 @@ def collect_hessians(model: ExportModel, token_windows: Iterable[Tensor]) -> dic
     finally:
         for hook in hooks:
             hook.remove()
-        del model.project
         model.reset_cache()
     return {k: (v / counts[k]).float() for k, v in sums.items()}
 
@@ -482,11 +480,18 @@ class QuantizedModel:
 
 @torch.no_grad()
 def quantize_model(
-    model: ExportModel, scheme: QuantScheme, calibration: list[Tensor] | None = None, act_order: bool = False
+    model: ExportModel,
+    scheme: QuantScheme,
+    calibration: list[Tensor] | None = None,
+    act_order: bool = False,
+    hessians: dict[str, Tensor] | None = None,
 ) -> QuantizedModel:
-    """Quantize every stored weight of `model` as `scheme` says; GPTQ where calibration windows are
-    given (the shared embedding, read by a lookup as well as the projection, is rounded to nearest)."""
-    hessians = collect_hessians(model, calibration) if calibration else {}
+    """Quantize every stored weight of `model` as `scheme` says; GPTQ where calibration windows (or
+    their `collect_hessians`, computed once for several targets) are given. A tied table, read by the
+    lookup as well as the projection, is rounded to nearest, and so is a separately stored copy of it
+    (ExecuTorch's output projection)."""
+    if hessians is None:
+        hessians = collect_hessians(model, calibration) if calibration else {}
     out: dict[str, QuantizedWeight | Tensor] = {}
     formats: dict[str, WeightQuant] = {}
     names = weight_names(model, scheme)
@@ -495,10 +500,7 @@ def quantize_model(
         if wq.bits >= 16:
             out[name] = tensor.detach().to(wq.float_dtype)
             continue
-        hessian = hessians.get(name) if name != "tok_embeddings.weight" else None
-        if name == "output.weight" and model.output is None and not scheme.separate_output:
-            hessian = None
-        out[name] = wq.quantize(tensor, hessian, act_order)
+        out[name] = wq.quantize(tensor, hessians.get(name), act_order)  # none for a tied table (collect_hessians)
     return QuantizedModel(scheme, out, "gptq" if hessians else "round-to-nearest", formats)
 
 
