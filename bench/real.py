@@ -141,7 +141,7 @@ def export_row(
     manifest = read_manifest(bundle)
     parity = manifest["parity"] or {}
     if reused:  # the verdict of today's gate, from the bundle's own golden data
-        from mobilellm.validation.validate import validate_bundle
+        from mobilellm.exporter.validate import validate_bundle
 
         result, _ = validate_bundle(bundle)
         parity = {

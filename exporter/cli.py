@@ -213,8 +213,8 @@ def validate(
     ),
 ) -> None:
     """Re-run the parity check on a bundle; exit 0 pass, 1 parity failed, 2 bad input."""
+    from mobilellm.exporter.validate import validate_bundle
     from mobilellm.validation.reports import markdown
-    from mobilellm.validation.validate import validate_bundle
 
     result, report = validate_bundle(bundle, checkpoint, parse_thresholds(threshold), report_dir, config)
     typer.echo(markdown(report))

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .errors import UserError
-from .model import MobileLLM, apply_rope, rope_tables
+from .model import MobileLLM, apply_rope, rms_norm, rope_tables
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,29 @@ class ExportSettings:
     last_logits_only: bool = False
 
 
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """The one RMSNorm every target sees; kept in this exact form so backends can pattern-match it."""
-    x32 = x.float()
-    out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return out if weight is None else out * weight
-
-
 KVUpdate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""Store one step's k/v [1, n_kv_heads, S, head_dim] in a cache; return the keys/values attention reads."""
+
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""The attention kernel a target injects into the block: q [1, S, n_heads, head_dim] and k/v
+[1, S, n_kv_heads, head_dim], RoPE applied, in; the attention output [1, S, dim] out. The kernel owns the
+KV cache of one block application (sdpa over a static cache, ExecuTorch's custom ops, Core ML states)."""
+
+
+def sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, kv_update: KVUpdate, mask: Tensor, n_rep: int, broadcast_gqa: bool = False
+) -> Tensor:
+    """`scaled_dot_product_attention` over a cache [1, n_kv_heads, T, head_dim]; K/V heads repeated `n_rep`
+    times unless `broadcast_gqa` lets SDPA broadcast them (no copy)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    keys, values = kv_update(k, v)
+    if broadcast_gqa and n_rep > 1:
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    else:
+        if n_rep > 1:
+            keys, values = keys.repeat_interleave(n_rep, dim=1), values.repeat_interleave(n_rep, dim=1)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return attn.transpose(1, 2).flatten(2)
 
 
 class StaticKVCache(nn.Module):
@@ -95,25 +110,46 @@ class ExportBlock(nn.Module):
             return gate, up
         return self.w1(x), self.w3(x)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv_update: KVUpdate) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+        """x [1, S, dim]; cos/sin [S, 1, head_dim]. The one block every target lowers; only `attend` differs."""
         cfg = self.cfg
-        bsz, seqlen, _ = x.shape
         q, k, v = self.qkv(rms_norm(x, self.attention_norm, cfg.norm_eps))
-        q = q.view(bsz, seqlen, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = k.view(bsz, seqlen, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = v.view(bsz, seqlen, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = kv_update(k, v)
-        rep = cfg.n_heads // cfg.n_kv_heads
-        if self.settings.gqa == "sdpa" and rep > 1:
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        else:
-            if rep > 1:
-                keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        h = x + self.wo(attn.transpose(1, 2).reshape(bsz, seqlen, cfg.dim))
+        # Batch 1 and -1 for the sequence: no traced shape arithmetic (Core ML), dynamic length (torch.export).
+        q = apply_rope(q.view(1, -1, cfg.n_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.view(1, -1, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+        h = x + self.wo(attend(q, k, v.view(1, -1, cfg.n_kv_heads, cfg.head_dim)))
         gate, up = self.gate_up(rms_norm(h, self.ffn_norm, cfg.norm_eps))
         return h + self.w2(F.silu(gate) * up)
+
+
+class DecoderStack(Protocol):
+    """The modules a target's forward runs: ExportModel's own, held under the same names by target wrappers
+    (the names become the artifacts' weight names)."""
+
+    config: ModelConfig
+    schedule: list[int]
+    tok_embeddings: nn.Embedding
+    blocks: nn.ModuleList
+    norm: Tensor
+    output: nn.Linear | None
+
+
+def project(stack: DecoderStack, h: Tensor) -> Tensor:
+    """Output projection; with a shared embedding, the embedding table itself."""
+    return F.linear(h, stack.tok_embeddings.weight) if stack.output is None else stack.output(h)
+
+
+def decode_stack(
+    stack: DecoderStack, tokens: Tensor, cos: Tensor, sin: Tensor, attention: Callable[[int], Attend], last_only: bool
+) -> Tensor:
+    """Embedding, the unrolled schedule (the same block module per application; `attention(slot)` owns each
+    application's cache), final norm and output projection: the forward of every target."""
+    h = stack.tok_embeddings(tokens)
+    for slot, block_index in enumerate(stack.schedule):
+        h = stack.blocks[block_index](h, cos, sin, attention(slot))
+    if last_only:
+        h = h[:, -1:, :]
+    return project(stack, rms_norm(h, stack.norm, stack.config.norm_eps))
 
 
 class ExportModel(nn.Module):
@@ -190,21 +226,27 @@ class ExportModel(nn.Module):
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start + seqlen <= self.settings.max_seq_len)
-        cos = self.rope_cos.narrow(0, start, seqlen)
-        sin = self.rope_sin.narrow(0, start, seqlen)
+        cos, sin = self.rope_at(start, seqlen)
         mask = self.causal_mask.narrow(0, start, seqlen)
-        h = self.tok_embeddings(tokens)
-        # Straight-line unrolled schedule: the same block module (same weights) per application,
-        # a distinct cache per application.
-        for block_index, cache in zip(self.schedule, self.caches):
-            h = self.blocks[block_index](h, cos, sin, mask, lambda k, v, c=cache: c.update(start, k, v))
-        if self.settings.last_logits_only:
-            h = h[:, -1:, :]
-        return self.project(rms_norm(h, self.norm, self.config.norm_eps))
+        n_rep, broadcast = self.config.n_heads // self.config.n_kv_heads, self.settings.gqa == "sdpa"
+
+        def attention(slot: int) -> Attend:
+            def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+                return self.caches[slot].update(start, k, v)
+
+            return lambda q, k, v: sdpa_attention(q, k, v, update, mask, n_rep, broadcast)
+
+        return decode_stack(self, tokens, cos, sin, attention, self.settings.last_logits_only)
+
+    def rope_at(self, start: int | torch.SymInt, seqlen: int | torch.SymInt) -> tuple[Tensor, Tensor]:
+        """cos/sin [S, 1, head_dim] of positions start..start+S-1 (broadcast over heads)."""
+        return (
+            self.rope_cos.narrow(0, start, seqlen).unsqueeze(1),
+            self.rope_sin.narrow(0, start, seqlen).unsqueeze(1),
+        )
 
     def project(self, h: Tensor) -> Tensor:
-        """Output projection; with a shared embedding, the embedding table itself."""
-        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        return project(self, h)
 
     def reset_cache(self) -> None:
         for cache in self.caches:

@@ -17,11 +17,14 @@ from torch import Tensor, nn
 from .config import ModelConfig
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # Reduce in fp32 whatever the storage dtype, as the Hugging Face LlamaRMSNorm does.
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """The one RMSNorm (reference and every target), kept in this exact form so backends can pattern-match it.
+
+    Reduces in fp32 whatever the storage dtype, as the Hugging Face LlamaRMSNorm does; `weight=None` when
+    the gain was folded into the next linear."""
     x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if weight is None else normed * weight
 
 
 class RMSNorm(nn.Module):
@@ -43,12 +46,13 @@ def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[Tensor
 
 
 def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    # chunk, not x.shape[-1] // 2: traced shape arithmetic becomes NumToTensor/Int pairs Core ML cannot convert.
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, S, D]; cos/sin [S, D]."""
+    """Hugging Face rotate-half RoPE; cos/sin broadcast against x ([B, H, S, D] with [S, D], or [B, S, H, D] with [S, 1, D])."""
     return x * cos + rotate_half(x) * sin
 
 

@@ -6,9 +6,12 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mobilellm.validation.parity import GOLDEN_FILE, ReferenceRuntime, compute_golden, resolve_thresholds, run_parity
+from mobilellm.validation.reports import report_dict, write_reports
+from mobilellm.validation.sequences import TorchRuntime
 
 from .assets import DEFAULT_MODEL_DIR, heldout_text
 from .bundle import (
@@ -27,35 +30,14 @@ from .export_model import ExportModel, ExportSettings
 from .memory import human
 from .quantize import (
     QuantizedModel,
-    QuantMethod,
     calibration_windows,
     collect_hessians,
     fake_quantized_twin,
     quantize_model,
 )
+from .recipe import ExportOptions
 from .targets import TargetModule, TargetOptions, load_target
 from .tokenizer import load_tokenizer, parity_tokens
-
-
-@dataclass
-class ExportOptions:
-    checkpoint: Path | None = None
-    config: str | None = None
-    tokenizer: Path | None = None
-    targets: list[str] = field(default_factory=lambda: ["executorch"])
-    bits: int = 4
-    group_size: int = 32
-    embedding_bits: int | None = None
-    output_bits: int | None = None  # a separately stored output projection (ExecuTorch; untied lm_head)
-    layer_bits: dict[str, int] | None = None  # mixed precision: block linear role -> bits; None: the target's default
-    max_seq_len: int = 512
-    fuse: bool = True
-    parity: bool = True
-    output: Path = Path("dist")
-    thresholds: dict[str, float] = field(default_factory=dict)
-    name: str | None = None
-    recipe: Any = None  # a loaded Recipe: the checkpoint must be the recipe's model
-    method: QuantMethod = field(default_factory=QuantMethod)
 
 
 def log(msg: str) -> None:
@@ -156,16 +138,6 @@ def manifest_for(
 
 
 def run_export(options: ExportOptions) -> list[Path]:
-    from mobilellm.validation.parity import (
-        GOLDEN_FILE,
-        ReferenceRuntime,
-        compute_golden,
-        resolve_thresholds,
-        run_parity,
-    )
-    from mobilellm.validation.reports import report_dict, write_reports
-    from mobilellm.validation.sequences import TorchRuntime
-
     modules = [load_target(name) for name in options.targets]  # fail fast, before any work
     thresholds = resolve_thresholds(options.bits, options.thresholds)
     ckpt = load_checkpoint(options.checkpoint or DEFAULT_MODEL_DIR, options.config, options.tokenizer)

@@ -10,18 +10,41 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from mobilellm.validation.parity import resolve_thresholds
 
 from .config import ModelConfig, preset
 from .errors import UserError
+from .quantize import QuantMethod
+from .targets import TARGET_NAMES
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-if TYPE_CHECKING:
-    from .pipeline import ExportOptions
+
+@dataclass
+class ExportOptions:
+    checkpoint: Path | None = None
+    config: str | None = None
+    tokenizer: Path | None = None
+    targets: list[str] = field(default_factory=lambda: ["executorch"])
+    bits: int = 4
+    group_size: int = 32
+    embedding_bits: int | None = None
+    output_bits: int | None = None  # a separately stored output projection (ExecuTorch; untied lm_head)
+    layer_bits: dict[str, int] | None = None  # mixed precision: block linear role -> bits; None: the target's default
+    max_seq_len: int = 512
+    fuse: bool = True
+    parity: bool = True
+    output: Path = Path("dist")
+    thresholds: dict[str, float] = field(default_factory=dict)
+    name: str | None = None
+    recipe: Recipe | None = None  #: the checkpoint must be the recipe's model
+    method: QuantMethod = field(default_factory=QuantMethod)
+
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "model": {"name": str, "preset": str, "hub_id": str},
@@ -102,8 +125,6 @@ def load_recipe(path: Path) -> Recipe:
         raise UserError(f"{path}: missing model.preset")
     preset(model["preset"])  # unknown preset -> clear error
     thresholds = raw.get("parity", {}).get("thresholds", {})
-    from mobilellm.validation.parity import resolve_thresholds
-
     bits = raw.get("export", {}).get("bits", 4)
     try:
         resolve_thresholds(bits, thresholds)
@@ -139,16 +160,12 @@ def export_options_from_recipe(
     output: Path = Path("dist"),
     thresholds: dict[str, float] | None = None,
     name: str | None = None,
-) -> "ExportOptions":
+) -> ExportOptions:
     """The export a recipe describes (none: the defaults), with every flag given (not None) overriding it.
 
     The one mapping of recipe keys to ExportOptions, used by `mobilellm-export --recipe` and the repo's
     benchmarks. `target` may be "all"; `zero_points` and `layer_bits` (role -> bits, e.g. {"w2": 8}) override the recipe's;
     `thresholds` are laid over the recipe's; `name` defaults to the recipe's model name."""
-    from .pipeline import ExportOptions
-    from .quantize import QuantMethod
-    from .targets import TARGET_NAMES
-
     base = plan.export if plan else {}
 
     def pick(flag: Any, key: str, default: Any) -> Any:

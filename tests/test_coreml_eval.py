@@ -14,7 +14,7 @@ ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-from mobilellm.validation.coreml_eval import BlobFile, CoreMLEvaluator, UnsupportedOpError  # noqa: E402
+from mobilellm.exporter.targets.coreml_eval import BlobFile, CoreMLEvaluator, UnsupportedOpError  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -358,7 +358,7 @@ def test_integer_inputs_never_pass_through_floats(tmp_path: Path) -> None:
 
 
 def test_every_unknown_op_is_named(tmp_path: Path) -> None:
-    from mobilellm.validation.coreml_eval import SUPPORTED_OPS
+    from mobilellm.exporter.targets.coreml_eval import SUPPORTED_OPS
 
     assert {"greater_equal", "select"} <= set(SUPPORTED_OPS)
 

@@ -24,7 +24,7 @@ from mobilellm.exporter.export_model import ExportModel, ExportSettings  # noqa:
 from mobilellm.exporter.quantize import QuantMethod, fake_quantized_twin, quantize_model  # noqa: E402
 from mobilellm.exporter.targets import coreml  # noqa: E402
 from mobilellm.exporter.targets.base import ExportedArtifact, TargetOptions  # noqa: E402
-from mobilellm.validation.coreml_eval import CoreMLEvaluator, read_spec  # noqa: E402
+from mobilellm.exporter.targets.coreml_eval import CoreMLEvaluator, read_spec  # noqa: E402
 from mobilellm.validation.metrics import compare_logits, perplexity  # noqa: E402
 from mobilellm.validation.sequences import TorchRuntime, run_runtime  # noqa: E402
 

@@ -45,14 +45,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import Checkpoint
 from ..errors import UserError
-from ..export_model import ExportBlock, ExportModel, rms_norm
+from ..export_model import Attend, ExportModel, decode_stack, sdpa_attention
 from ..quantize import QuantizedModel, QuantizedWeight, QuantMethod, QuantScheme, WeightQuant
 from .base import ExportedArtifact, TargetOptions
+from .coreml_eval import CoreMLEvaluator, UnsupportedOpError, read_spec
 
 NAME = "coreml"
 PACKAGE = "model.mlpackage"
@@ -98,32 +98,6 @@ def quant_scheme(opts: TargetOptions) -> QuantScheme:
 
 
 # ----------------------------------------------------------------------------- Core ML-facing module
-def _rotate_half(x: Tensor, head_dim: int) -> Tensor:
-    half = head_dim // 2  # a Python int: traced shape arithmetic (x.shape[-1] // 2) does not convert
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _block_forward(block: ExportBlock, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv_update) -> Tensor:
-    """`ExportBlock.forward` with static reshape sizes (batch 1, -1 for the sequence) so that traced
-    shape arithmetic never becomes constant-folded NumToTensor/Int pairs, which coremltools 9 cannot
-    convert with NumPy 2.x. Same modules, same weights, same math."""
-    cfg = block.cfg
-    q, k, v = block.qkv(rms_norm(x, block.attention_norm, cfg.norm_eps))
-    q = q.view(1, -1, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    k = k.view(1, -1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    v = v.view(1, -1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    q = q * cos + _rotate_half(q, cfg.head_dim) * sin
-    k = k * cos + _rotate_half(k, cfg.head_dim) * sin
-    keys, values = kv_update(k, v)
-    rep = cfg.n_heads // cfg.n_kv_heads
-    if rep > 1:
-        keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    h = x + block.wo(attn.transpose(1, 2).reshape(1, -1, cfg.dim))
-    gate, up = block.gate_up(rms_norm(h, block.ffn_norm, cfg.norm_eps))
-    return h + block.w2(F.silu(gate) * up)
-
-
 class CoreMLModule(nn.Module):
     """`forward(input_ids [1, S] int32, causal_mask [1, 1, S, E]) -> logits [1, S, V]`, E = start + S.
 
@@ -154,19 +128,20 @@ class CoreMLModule(nn.Module):
     def forward(self, input_ids: Tensor, causal_mask: Tensor) -> Tensor:
         seqlen, end = input_ids.shape[-1], causal_mask.shape[-1]
         start = end - seqlen
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
-        h = self.tok_embeddings(input_ids)
-        for i, block_index in enumerate(self.schedule):
-            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+        cos, sin = self.rope_cos[start:end].unsqueeze(1), self.rope_sin[start:end].unsqueeze(1)
+        n_rep = self.config.n_heads // self.config.n_kv_heads
 
-            def kv_update(k: Tensor, v: Tensor, kc: Tensor = k_cache, vc: Tensor = v_cache) -> tuple[Tensor, Tensor]:
-                kc[:, :, start:end] = k
-                vc[:, :, start:end] = v
-                return kc[:, :, :end], vc[:, :, :end]
+        def attention(slot: int) -> Attend:
+            k_cache, v_cache = getattr(self, f"k_cache_{slot}"), getattr(self, f"v_cache_{slot}")
 
-            h = _block_forward(self.blocks[block_index], h, cos, sin, causal_mask, kv_update)
-        h = rms_norm(h, self.norm, self.config.norm_eps)
-        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+            def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+                k_cache[:, :, start:end] = k
+                v_cache[:, :, start:end] = v
+                return k_cache[:, :, :end], v_cache[:, :, :end]
+
+            return lambda q, k, v: sdpa_attention(q, k, v, update, causal_mask, n_rep)
+
+        return decode_stack(self, input_ids, cos, sin, attention, last_only=False)
 
 
 def causal_mask(start: int, seqlen: int, dtype: Any = np.float16) -> np.ndarray:
@@ -342,8 +317,6 @@ def _blob_breakdown(package: Path) -> dict[str, int]:
     """Bytes of weight.bin data per kind of const, from the saved spec (what is really stored)."""
     import struct
 
-    from ...validation.coreml_eval import read_spec
-
     spec, spec_path = read_spec(package)
     data = (spec_path.parent / "weights" / "weight.bin").read_bytes()
     out: Counter[str] = Counter()
@@ -472,8 +445,6 @@ def export(
     _stable_package_ids(package)
     files = [PACKAGE]  # the tokenizer is copied into the bundle by the pipeline; its name/sha256 are in the metadata
 
-    from ...validation.coreml_eval import CoreMLEvaluator
-
     saved = CoreMLEvaluator(package)  # also proves every emitted op is one the evaluator knows
     op_counts = Counter(t for t in saved.op_types)
     fp32_ops = sum(
@@ -534,7 +505,7 @@ def export(
         "convert_seconds": round(t_convert, 2),
         "quantize_seconds": round(t_quant, 2),
         "notes": [
-            "Linux parity runs validation/coreml_eval.py (numpy, per-op fp16 rounding) on the saved package; "
+            "Linux parity runs exporter/targets/coreml_eval.py (numpy, per-op fp16 rounding) on the saved package; "
             "on macOS open_runtime uses MLModel.predict with make_state().",
             "int codes/scales/offsets are computed once by the exporter's quantizer from the fp32 weights (the numbers the twin dequantizes) and stored as constexpr_blockwise_shift_scale.",
         ],
@@ -553,7 +524,6 @@ class CoreMLEvalRuntime:
     """TargetRuntime over the numpy evaluator of the saved package (any OS)."""
 
     def __init__(self, package: Path) -> None:
-        from ...validation.coreml_eval import CoreMLEvaluator
 
         self.package = Path(package)
         self.evaluator = CoreMLEvaluator(self.package)
@@ -619,7 +589,6 @@ def open_runtime(bundle_dir: Path, manifest: dict[str, Any], device: bool | None
 
     A missing or unreadable package is a UserError (corrupt bundle); an op the evaluator does not
     implement stays an UnsupportedOpError (a bug in this tool, never skipped)."""
-    from ...validation.coreml_eval import UnsupportedOpError
 
     package = _package_path(bundle_dir, manifest)
     if not package.exists():

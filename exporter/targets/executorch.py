@@ -33,13 +33,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import Checkpoint
 from ..errors import UserError
-from ..export_model import ExportModel, rms_norm
-from ..model import apply_rope
+from ..export_model import Attend, ExportModel, decode_stack
 from ..quantize import QuantizedModel, QuantizedWeight, QuantScheme, WeightQuant, nbytes
 from .base import ExportedArtifact, TargetOptions
 
@@ -161,46 +159,39 @@ def quant_scheme(opts: TargetOptions) -> QuantScheme:
 
 # ============================================================================ custom-op attention
 class _CustomOpModel(nn.Module):
-    """Same weights as the ExportModel, attention through `llama::update_cache` + `llama::custom_sdpa`
-    (caches laid out [1, max_seq_len, n_kv_heads, head_dim]; GQA handled inside the kernel, no repeat)."""
+    """The ExportModel (same modules, same weights) with attention through `llama::update_cache` +
+    `llama::custom_sdpa`: caches laid out [1, max_seq_len, n_kv_heads, head_dim], GQA inside the kernel."""
 
     def __init__(self, model: ExportModel) -> None:
         super().__init__()
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers torch.ops.llama)
 
-        self.m = model
-        cfg, s = model.config, model.settings
-        self.n_caches = len(model.schedule)
-        for i in range(self.n_caches):
-            shape = (1, s.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=s.dtype), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=s.dtype), persistent=False)
+        self.model = model
+        cfg, settings = model.config, model.settings
+        shape = (1, settings.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+        for slot in range(len(model.schedule)):
+            self.register_buffer(f"k_cache_{slot}", torch.zeros(shape, dtype=settings.dtype), persistent=False)
+            self.register_buffer(f"v_cache_{slot}", torch.zeros(shape, dtype=settings.dtype), persistent=False)
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        m, cfg = self.m, self.m.config
+        model = self.model
         seqlen = tokens.shape[1]
         start = input_pos[0].item()
         torch._check(start >= 0)
-        torch._check(start + seqlen <= m.settings.max_seq_len)
-        cos = m.rope_cos.narrow(0, start, seqlen).unsqueeze(1)  # [S, 1, D] broadcasts over heads
-        sin = m.rope_sin.narrow(0, start, seqlen).unsqueeze(1)
-        h = m.tok_embeddings(tokens)
-        for i, bi in enumerate(m.schedule):
-            blk = m.blocks[bi]
-            q, k, v = blk.qkv(rms_norm(h, blk.attention_norm, cfg.norm_eps))
-            q = apply_rope(q.view(1, seqlen, cfg.n_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(k.view(1, seqlen, cfg.n_kv_heads, cfg.head_dim), cos, sin)
-            v = v.view(1, seqlen, cfg.n_kv_heads, cfg.head_dim)
-            kc, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            torch.ops.llama.update_cache(k, kc, start)
-            torch.ops.llama.update_cache(v, vc, start)
-            attn = torch.ops.llama.custom_sdpa(q, kc, vc, start, None, 0, True)
-            h = h + blk.wo(attn.reshape(1, seqlen, cfg.dim))
-            gate, up = blk.gate_up(rms_norm(h, blk.ffn_norm, cfg.norm_eps))
-            h = h + blk.w2(F.silu(gate) * up)
-        if m.settings.last_logits_only:
-            h = h[:, -1:, :]
-        return m.project(rms_norm(h, m.norm, cfg.norm_eps))
+        torch._check(start + seqlen <= model.settings.max_seq_len)
+        cos, sin = model.rope_at(start, seqlen)
+
+        def attention(slot: int) -> Attend:
+            k_cache, v_cache = getattr(self, f"k_cache_{slot}"), getattr(self, f"v_cache_{slot}")
+
+            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                torch.ops.llama.update_cache(k, k_cache, start)
+                torch.ops.llama.update_cache(v, v_cache, start)
+                return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True).flatten(2)
+
+            return attend
+
+        return decode_stack(model, tokens, cos, sin, attention, model.settings.last_logits_only)
 
 
 def _use_custom_ops(override: bool | None) -> bool:

@@ -6,18 +6,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mobilellm.exporter.assets import heldout_text
-from mobilellm.exporter.bundle import integrity_problems, read_manifest
-from mobilellm.exporter.checkpoint import load_checkpoint
-from mobilellm.exporter.errors import UserError
-from mobilellm.exporter.export_model import ExportModel, ExportSettings
-from mobilellm.exporter.quantize import QuantMethod, calibration_windows, fake_quantized_twin, quantize_model
-from mobilellm.exporter.targets import TargetOptions, load_target
-from mobilellm.exporter.tokenizer import load_tokenizer, parity_tokens
+from mobilellm.validation.parity import (
+    GOLDEN_FILE,
+    Golden,
+    ParityResult,
+    ReferenceRuntime,
+    compute_golden,
+    resolve_thresholds,
+    run_parity,
+)
+from mobilellm.validation.reports import report_dict, write_reports
+from mobilellm.validation.sequences import TorchRuntime
 
-from .parity import GOLDEN_FILE, Golden, ParityResult, ReferenceRuntime, compute_golden, resolve_thresholds, run_parity
-from .reports import report_dict, write_reports
-from .sequences import TorchRuntime
+from .assets import heldout_text
+from .bundle import integrity_problems, read_manifest
+from .checkpoint import load_checkpoint
+from .errors import UserError
+from .export_model import ExportModel, ExportSettings
+from .quantize import QuantMethod, calibration_windows, fake_quantized_twin, quantize_model
+from .targets import TargetOptions, load_target
+from .tokenizer import load_tokenizer, parity_tokens
 
 
 def _log(msg: str) -> None:
