@@ -122,11 +122,15 @@ def export_row(
     from mobilellm.exporter.errors import ParityError
     from mobilellm.exporter.pipeline import ExportOptions, run_export
     from mobilellm.exporter.quantize import QuantMethod
-    from mobilellm.exporter.targets import load_target
+    from mobilellm.exporter.targets import TargetOptions, load_target
 
     name = f"{copy}-{method_name}"
     options = ExportOptions(
-        checkpoint=hf_dir, targets=[target], bits=bits, output=out, name=name, method=QuantMethod.named(method_name)
+        checkpoint=hf_dir,
+        targets=[target],
+        quant=TargetOptions(bits=bits, method=QuantMethod.named(method_name)),
+        output=out,
+        name=name,
     )
     t0 = time.time()
     parity_error = None

@@ -87,16 +87,8 @@ def bench_eager_subprocess(
 
 # ------------------------------------------------------------------------------ make bench
 def minimum_bytes(manifest: dict[str, Any]) -> int:
-    """The smallest possible weight storage for the bundle's bit widths (weights stored once, no scales)."""
-    m = manifest["model"]
-    linear = m["n_layers"] * (
-        2 * m["dim"] * m["dim"] + 2 * m["dim"] * m["n_kv_heads"] * m["head_dim"] + 3 * m["dim"] * m["ffn_dim"]
-    )
-    emb = m["vocab_size"] * m["dim"]
-    out = linear * manifest["bits"] / 8 + emb * manifest["embedding_bits"] / 8
-    if not m["share_embedding"]:
-        out += emb * manifest["bits"] / 8
-    return int(out + (2 * m["n_layers"] + 1) * m["dim"] * 2)
+    """The bundle's size yardstick (`exporter/memory.py`: unique weights at nominal bits, no scales)."""
+    return manifest["size"]["minimum_bytes"]
 
 
 def find_recipe(preset_name: str, target: str, bits: int) -> Path | None:
@@ -170,7 +162,7 @@ def run_suite(
                     (bundle,) = run_export(options)
                     export_s = time.perf_counter() - t0
                 manifest = read_manifest(bundle)  # also checks it against the manifest schema
-                unmeasurable = getattr(load_target(target), "speed_unmeasurable_reason", lambda: None)()
+                unmeasurable = load_target(target).speed_unmeasurable_reason()
                 if unmeasurable:
                     row: dict[str, Any] = {
                         "bundle": manifest["name"],

@@ -8,6 +8,8 @@ from .assets import DEFAULT_MODEL_DIR
 from .checkpoint import load_checkpoint
 from .export_model import ExportModel, ExportSettings, graph_op_counts
 from .memory import estimate_memory, human
+from .quantize import describe_scheme
+from .targets import TARGET_NAMES, TargetOptions, load_target
 
 
 def describe(
@@ -36,24 +38,17 @@ def describe(
         f"rope / norm     theta {cfg.rope_theta:g}, rms eps {cfg.norm_eps:g}, max context {cfg.max_context}",
         f"parameters      {unique:,} unique, {cfg.applied_params():,} applied (as an unrolled, untied model)",
         f"tokenizer       {ckpt.tokenizer_path or 'none found (pass --tokenizer when exporting)'}",
-        f"memory estimate weights stored once + KV cache (fp16) at {max_seq_len} tokens:",
+        "memory          each target's default format (gptq on the shipped calibration text), weights stored once,",
+        f"                + the fp16 KV cache of every block application at {max_seq_len} tokens:",
     ]
-    for bits in (4, 8, 16):
-        est = estimate_memory(cfg, bits, context=max_seq_len, embedding_bits=16 if bits == 16 else 8)
-        lines.append(
-            f"  {bits:>2}-bit        weights {human(est.weight_bytes)}, KV cache {human(est.kv_cache_bytes)}, total {human(est.total_bytes)}"
-        )
-    lines.append(
-        "quantization    each target's default (gptq on the shipped calibration text); weight bytes for this model:"
-    )
-    from .quantize import describe_scheme, stored_weight_bytes
-    from .targets import TARGET_NAMES, TargetOptions, load_target
-
     for target in TARGET_NAMES:
-        for bits in (4, 8):
-            scheme = load_target(target).quant_scheme(TargetOptions(bits=bits))
-            size = stored_weight_bytes(cfg, scheme)["total"]
-            lines.append(f"  {target:<10} {bits}-bit {human(size):>9}  {describe_scheme(scheme)}")
+        for bits in (4, 8, 16):
+            scheme = load_target(target).quant_scheme(TargetOptions(bits=bits, max_seq_len=max_seq_len))
+            est = estimate_memory(cfg, scheme, context=max_seq_len)
+            lines.append(
+                f"  {target:<10} {bits:>2}-bit  weights {human(est.weight_bytes):>9}, KV cache {human(est.kv_cache_bytes)}, "
+                f"total {human(est.total_bytes):>9}  {describe_scheme(scheme)}"
+            )
     if ops:
         lines.append("export graph    operator counts (torch.export, fused vs --no-fuse):")
         for fuse in (True, False):

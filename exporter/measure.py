@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
-from .bundle import artifact_bytes
+from .bundle import artifact_bytes, read_manifest
+from .targets import TargetRuntime, load_target
 
 _RSS_UNIT = 1024 if sys.platform != "darwin" else 1  # ru_maxrss: KiB on Linux, bytes on macOS
 
@@ -47,11 +49,11 @@ def current_rss() -> int:
         return peak_rss()
 
 
-def time_decode(runtime: Any, prompt: np.ndarray, decode_tokens: int) -> dict[str, float]:
+def time_decode(runtime: TargetRuntime, prompt: np.ndarray, decode_tokens: int) -> dict[str, float]:
     """Prefill `prompt`, then greedy-decode `decode_tokens` tokens; tokens/s and seconds of each phase."""
-    # A runtime whose program returns only the last position (ExecuTorch) is timed on that one call,
-    # as a generation runner uses it, not on `forward`'s every-position reconstruction.
-    step = getattr(runtime, "forward_last", runtime.forward)
+    # Timed on the last position's logits, as a generation runner reads them (ExecuTorch's program
+    # returns only that row; its `forward` reconstructs every position).
+    step = runtime.forward_last
     runtime.reset()
     t0 = time.perf_counter()
     logits = step(prompt, 0)
@@ -93,11 +95,6 @@ def run_fresh_process(module: str, args: list[str], pythonpath: Sequence[str | P
 
 def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
     """In-process measurement (call in a fresh process: see bench_bundle_subprocess)."""
-    import torch
-
-    from .bundle import read_manifest
-    from .targets import load_target
-
     torch.set_num_threads(threads)
     manifest = read_manifest(bundle)
     module = load_target(manifest["target"])
@@ -123,7 +120,7 @@ def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens
         "artifact_bytes": size,
         "prompt_tokens": len(prompt),
         "decode_tokens": decode_tokens,
-        **({"xnnpack_weight_cache": runtime.xnnpack_weight_cache} if hasattr(runtime, "xnnpack_weight_cache") else {}),
+        **runtime.details(),
     }
 
 
@@ -131,7 +128,6 @@ def bench_bundle_subprocess(
     bundle: Path, threads: int = 2, prompt_tokens: int = 128, decode_tokens: int = 64
 ) -> dict[str, Any]:
     """measure_bundle in a fresh process (clean load time and RSS baseline)."""
-    from .bundle import read_manifest
 
     read_manifest(bundle)  # a clear error for a bad path before spawning anything
     return run_fresh_process(

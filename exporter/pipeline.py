@@ -26,7 +26,7 @@ from .bundle import (
 )
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ParityError, UserError
-from .export_model import ExportModel, ExportSettings
+from .export_model import ExportModel
 from .memory import human
 from .quantize import (
     QuantizedModel,
@@ -36,7 +36,7 @@ from .quantize import (
     quantize_model,
 )
 from .recipe import ExportOptions
-from .targets import TargetModule, TargetOptions, load_target
+from .targets import RunnerMetadata, Target, TargetOptions, load_target
 from .tokenizer import load_tokenizer, parity_tokens
 
 
@@ -49,7 +49,7 @@ def bundle_name(options: ExportOptions, ckpt: Checkpoint, target: str) -> str:
         "default" if options.checkpoint is None else (ckpt.source.stem if ckpt.source.is_file() else ckpt.source.name)
     )
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "model"
-    return f"{base}-{target}-{options.bits}bit"
+    return f"{base}-{target}-{options.quant.bits}bit"
 
 
 def check_group_size(ckpt: Checkpoint, opts: TargetOptions) -> None:
@@ -83,7 +83,7 @@ def quantize(model: ExportModel, scheme: Any, hessians: dict[str, Any], act_orde
 
 def manifest_for(
     name: str,
-    module: TargetModule,
+    module: Target,
     ckpt: Checkpoint,
     opts: TargetOptions,
     quantized: QuantizedModel,
@@ -104,10 +104,7 @@ def manifest_for(
         "bits": opts.bits,
         "embedding_bits": scheme.embedding.bits,
         "group_size": opts.group_size,
-        "max_context": opts.max_seq_len,
-        "vocab_size": cfg.vocab_size,
-        "bos_id": cfg.bos_id,
-        "eos_ids": [cfg.eos_id],
+        **RunnerMetadata.of(cfg, opts.max_seq_len).manifest_fields(),
         "model": {
             "dim": cfg.dim,
             "n_layers": cfg.n_layers,
@@ -130,7 +127,8 @@ def manifest_for(
             "layer_bits": {role: wq.bits for role, wq in scheme.overrides},
         },
         "io": artifact.io,
-        "target_info": artifact.info,
+        "size": artifact.info["size"],
+        "target_info": {key: value for key, value in artifact.info.items() if key != "size"},
         "files": files,
         "tool": tool_versions(),
         "parity": parity,
@@ -139,7 +137,7 @@ def manifest_for(
 
 def run_export(options: ExportOptions) -> list[Path]:
     modules = [load_target(name) for name in options.targets]  # fail fast, before any work
-    thresholds = resolve_thresholds(options.bits, options.thresholds)
+    thresholds = resolve_thresholds(options.quant.bits, options.thresholds)
     ckpt = load_checkpoint(options.checkpoint or DEFAULT_MODEL_DIR, options.config, options.tokenizer)
     if options.recipe is not None:
         options.recipe.check_matches(ckpt.config)
@@ -147,24 +145,15 @@ def run_export(options: ExportOptions) -> list[Path]:
         raise UserError(
             f"{ckpt.source}: no tokenizer.model or tokenizer.json beside the checkpoint; pass --tokenizer PATH"
         )
-    opts = TargetOptions(
-        bits=options.bits,
-        group_size=options.group_size,
-        embedding_bits=options.embedding_bits,
-        output_bits=options.output_bits,
-        max_seq_len=options.max_seq_len,
-        fuse=options.fuse,
-        method=options.method,
-        layer_bits=None if options.layer_bits is None else tuple(sorted(options.layer_bits.items())),
-    )
-    settings = ExportSettings(max_seq_len=options.max_seq_len, fuse=options.fuse)
+    opts = options.quant
+    settings = opts.export_settings()
     check_group_size(ckpt, opts)
     ExportModel(ckpt.config, settings)  # validates --max-seq-len before any target work
     tokens = parity_tokens(
         load_tokenizer(ckpt.tokenizer_path), heldout_text(), 512, ckpt.config.vocab_size, ckpt.config.bos_id
     )
     reference = ReferenceRuntime(ckpt.model)
-    calibration = calibration_windows(ckpt, options.method, options.max_seq_len)
+    calibration = calibration_windows(ckpt, opts.method, opts.max_seq_len)
     # The fp32 export model's layer inputs are the same for every target: collected once.
     hessians = collect_hessians(ExportModel.from_reference(ckpt.model, settings), calibration) if calibration else {}
 

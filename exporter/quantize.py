@@ -22,8 +22,10 @@ from typing import Any, Iterable, Literal
 import torch
 from torch import Tensor, nn
 
+from .assets import calibration_text
 from .errors import UserError
 from .export_model import ExportModel
+from .tokenizer import load_tokenizer
 
 # How a group's scale (and zero point) is chosen:
 # - "torchao": scale = amax / ((qmax - qmin) / 2) (torchao MappingType.SYMMETRIC; clips the positive extreme)
@@ -428,8 +430,6 @@ class QuantMethod:
 def calibration_windows(ckpt: Any, method: QuantMethod, max_seq_len: int) -> list[Tensor]:
     """GPTQ's calibration input: the shipped calibration text (disjoint from the parity text) in
     windows of at most 512 tokens, BOS first, about `method.calibration_tokens` in all."""
-    from .assets import calibration_text
-    from .tokenizer import load_tokenizer
 
     if not method.gptq:
         return []
@@ -595,28 +595,6 @@ def nbytes(rows: int, cols: int, wq: WeightQuant) -> int:
     scale_bytes = torch.tensor([], dtype=wq.scale_dtype).element_size()
     zero_bytes = math.ceil(groups * wq.bits / 8) if wq.zero_points else 0
     return rows * (cols * wq.bits // 8 + groups * scale_bytes + zero_bytes)
-
-
-def stored_weight_bytes(cfg: Any, scheme: QuantScheme) -> dict[str, int]:
-    """Bytes every stored weight takes in `scheme`'s format (codes, scales, zero points; norms fp32),
-    each shared weight once: the size model the memory report and `inspect` print."""
-    d, kv, ffn, vocab = cfg.dim, cfg.kv_dim, cfg.ffn_dim, cfg.vocab_size
-    shapes = {"wqkv": (d + 2 * kv, d), "wo": (d, d), "w13": (2 * ffn, d), "w2": (d, ffn)}
-    blocks = sum(
-        nbytes(rows, cols, scheme.for_weight(f"blocks.{b}.{role}.weight", cfg.n_layers))
-        for b in range(cfg.n_layers)
-        for role, (rows, cols) in shapes.items()
-    )
-    out = {
-        "blocks": blocks,
-        "norms": (2 * cfg.n_layers + 1) * d * 4,
-        "embedding": nbytes(vocab, d, scheme.embedding),
-        "output_projection": nbytes(vocab, d, scheme.output)
-        if scheme.separate_output or not cfg.share_embedding
-        else 0,
-    }
-    out["total"] = sum(out.values())
-    return out
 
 
 def describe_scheme(scheme: QuantScheme) -> str:

@@ -17,7 +17,7 @@ from mobilellm.validation.parity import resolve_thresholds
 from .config import ModelConfig, preset
 from .errors import UserError
 from .quantize import QuantMethod
-from .targets import TARGET_NAMES
+from .targets import TARGET_NAMES, TargetOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,23 +27,18 @@ else:  # pragma: no cover
 
 @dataclass
 class ExportOptions:
+    """One export job: which checkpoint, which targets, where to; `quant` is what every target builds."""
+
     checkpoint: Path | None = None
     config: str | None = None
     tokenizer: Path | None = None
     targets: list[str] = field(default_factory=lambda: ["executorch"])
-    bits: int = 4
-    group_size: int = 32
-    embedding_bits: int | None = None
-    output_bits: int | None = None  # a separately stored output projection (ExecuTorch; untied lm_head)
-    layer_bits: dict[str, int] | None = None  # mixed precision: block linear role -> bits; None: the target's default
-    max_seq_len: int = 512
-    fuse: bool = True
+    quant: TargetOptions = field(default_factory=TargetOptions)
     parity: bool = True
     output: Path = Path("dist")
     thresholds: dict[str, float] = field(default_factory=dict)
     name: str | None = None
     recipe: Recipe | None = None  #: the checkpoint must be the recipe's model
-    method: QuantMethod = field(default_factory=QuantMethod)
 
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -174,24 +169,28 @@ def export_options_from_recipe(
     target_name = str(pick(target, "target", "all"))
     emb = pick(embedding_bits, "embedding_bits", None)
     out_bits = pick(output_bits, "output_bits", None)
+    roles = pick(layer_bits, "layer_bits", None)
+    quant = TargetOptions(
+        bits=int(pick(bits, "bits", 4)),
+        group_size=int(pick(group_size, "group_size", 32)),
+        embedding_bits=int(emb) if emb is not None else None,
+        output_bits=int(out_bits) if out_bits is not None else None,
+        layer_bits=None if roles is None else tuple(sorted((role, int(b)) for role, b in roles.items())),
+        max_seq_len=int(pick(max_seq_len, "max_seq_len", 512)),
+        fuse=bool(pick(fuse, "fuse", True)),
+        method=QuantMethod.named(
+            str(pick(quant_method, "quant_method", "gptq")), pick(zero_points, "zero_points", None)
+        ),
+    )
     return ExportOptions(
         checkpoint=checkpoint,
         config=config,
         tokenizer=tokenizer,
         targets=list(TARGET_NAMES) if target_name == "all" else [target_name],
-        bits=int(pick(bits, "bits", 4)),
-        group_size=int(pick(group_size, "group_size", 32)),
-        embedding_bits=int(emb) if emb is not None else None,
-        output_bits=int(out_bits) if out_bits is not None else None,
-        max_seq_len=int(pick(max_seq_len, "max_seq_len", 512)),
-        fuse=bool(pick(fuse, "fuse", True)),
+        quant=quant,
         parity=parity,
         output=output,
         thresholds={**(plan.thresholds if plan else {}), **(thresholds or {})},
         name=name or (plan.name if plan else None),
         recipe=plan,
-        method=QuantMethod.named(
-            str(pick(quant_method, "quant_method", "gptq")), pick(zero_points, "zero_points", None)
-        ),
-        layer_bits=pick(layer_bits, "layer_bits", None),
     )

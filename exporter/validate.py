@@ -22,7 +22,7 @@ from .assets import heldout_text
 from .bundle import integrity_problems, read_manifest
 from .checkpoint import load_checkpoint
 from .errors import UserError
-from .export_model import ExportModel, ExportSettings
+from .export_model import ExportModel
 from .quantize import QuantMethod, calibration_windows, fake_quantized_twin, quantize_model
 from .targets import TargetOptions, load_target
 from .tokenizer import load_tokenizer, parity_tokens
@@ -52,7 +52,7 @@ def golden_from_checkpoint(checkpoint: Path, manifest: dict[str, Any], config: s
     module = load_target(manifest["target"])
     opts = options_from_manifest(manifest)
     ckpt = load_checkpoint(checkpoint, config)
-    model = ExportModel.from_reference(ckpt.model, ExportSettings(max_seq_len=opts.max_seq_len))
+    model = ExportModel.from_reference(ckpt.model, opts.export_settings())
     calibration = calibration_windows(ckpt, opts.method, opts.max_seq_len)
     twin = fake_quantized_twin(
         model, quantize_model(model, module.quant_scheme(opts), calibration or None, opts.method.act_order)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mobilellm.exporter.config import preset
-from mobilellm.exporter.memory import estimate_memory, linear_weight_bytes
+from mobilellm.exporter.memory import estimate_memory
+from mobilellm.exporter.targets import TargetOptions, load_target
 from mobilellm.validation.parity import DEFAULT_THRESHOLDS
 
 HERE = Path(__file__).resolve().parent
@@ -91,14 +92,13 @@ def memory_table() -> str:
         cfg = preset(preset_name)
         for target in TARGETS:
             for bits in BITS:
-                est = estimate_memory(
-                    cfg, bits, MAX_SEQ_LEN, GROUP_SIZE, embedding_bits(bits, target), KV_BYTES[target]
+                # The target's default format, as an export with these bits stores it (ExecuTorch's separate
+                # output projection beside its lookup table included).
+                scheme = load_target(target).quant_scheme(
+                    TargetOptions(bits=bits, group_size=GROUP_SIZE, max_seq_len=MAX_SEQ_LEN)
                 )
-                weights = est.weight_bytes
-                if target == "executorch":
-                    # XNNPACK keeps its own copy of the output projection beside the lookup table.
-                    weights += linear_weight_bytes(cfg.vocab_size * cfg.dim, cfg.vocab_size, bits, GROUP_SIZE)
-                total = weights + est.kv_cache_bytes
+                est = estimate_memory(cfg, scheme, MAX_SEQ_LEN, KV_BYTES[target])
+                weights, total = est.weight_bytes, est.total_bytes
                 rows.append(
                     f"| {folder} | {target} | {bits} | {weights / 2**20:.0f} MB | {est.kv_cache_bytes / 2**20:.0f} MB | "
                     f"{total / 2**20:.0f} MB | {100 * total / (PHONES_GB[0] * gb):.1f}% | {100 * total / (PHONES_GB[1] * gb):.1f}% |"

@@ -109,7 +109,8 @@ def test_flags_override_the_recipe(
         ["--recipe", str(recipe), "--bits", "4", "--max-seq-len", "256", "--threshold", "twin.min_cosine=0.9"], capsys
     )
     assert code == 0, err
-    assert (seen["bits"], seen["targets"], seen["max_seq_len"], seen["group_size"]) == (4, ["onnx"], 256, 32)
+    quant = seen["quant"]
+    assert (quant.bits, seen["targets"], quant.max_seq_len, quant.group_size) == (4, ["onnx"], 256, 32)
     assert seen["thresholds"] == {"twin.top1_agreement": 0.9, "twin.min_cosine": 0.9}
     assert seen["recipe"].preset == "125M"
 

@@ -201,7 +201,7 @@ def test_shared_weights_stored_once(exported: Exports) -> None:
     ls, plain = exported["ls4"], exported["none4"]
     size_ls, size_plain = ls.artifact.info["weight_bin_bytes"], plain.artifact.info["weight_bin_bytes"]
     print(
-        f"\n[coreml sizes] LS {size_ls} B, no sharing {size_plain} B, min {ls.artifact.info['min_weight_bytes']} B, "
+        f"\n[coreml sizes] LS {size_ls} B, no sharing {size_plain} B, min {ls.artifact.info['size']['minimum_bytes']} B, "
         f"breakdown LS {ls.artifact.info['weight_bin_breakdown']} / no sharing {plain.artifact.info['weight_bin_breakdown']}"
     )
     assert abs(size_ls - size_plain) / size_plain < 0.02
@@ -212,7 +212,7 @@ def test_shared_weights_stored_once(exported: Exports) -> None:
     for ex in (ls, plain, exported["ls8"], exported["ls16"]):
         info = ex.artifact.info
         assert info["weight_bin_bytes"] == (ex.package / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size
-        assert info["weight_bin_bytes"] >= info["min_weight_bytes"]
+        assert info["weight_bin_bytes"] >= info["size"]["minimum_bytes"]
 
 
 def test_package_io_states_metadata(exported: Exports) -> None:

@@ -187,7 +187,7 @@ def test_q4_artifact_metadata_and_sizes(q4):
     model, bundle, art, _, opts = q4
     assert art.files[0] == "model.pte" and (bundle / "model.pte").is_file()
     assert art.info["pte_bytes"] == (bundle / "model.pte").stat().st_size
-    assert art.info["minimum_bytes"] <= art.info["pte_bytes"]
+    assert art.info["size"]["minimum_bytes"] <= art.info["pte_bytes"]
     from executorch.runtime import Runtime
 
     et._load_kernels()
@@ -261,7 +261,7 @@ def test_f32_pte_equals_reference(f32):
     ref = run_runtime(TorchRuntime(model), tokens, PREFILL)
     m = compare_logits(pte, ref)
     print(
-        f"\nf32 pte~ref: {m}; info: { {k: art.info[k] for k in ('pte_bytes', 'minimum_bytes', 'embedding_table_copies_in_pte', 'embedding_stored_once', 'extra_bytes_for_output_projection')} }"
+        f"\nf32 pte~ref: {m}; info: { {k: art.info[k] for k in ('pte_bytes', 'size', 'embedding_table_copies_in_pte', 'embedding_stored_once', 'extra_bytes_for_output_projection')} }"
     )
     assert m["top1_agreement"] == 1.0, m
     assert m["max_abs"] < 1e-3, m

@@ -19,13 +19,13 @@ import torch
 from conftest import random_model, tiny_config
 from mobilellm.exporter.errors import UserError
 from mobilellm.exporter.export_model import ExportModel, ExportSettings, unique_storages
+from mobilellm.exporter.memory import stored_weight_bytes
 from mobilellm.exporter.quantize import (
     QuantizedModel,
     QuantMethod,
     WeightQuant,
     fake_quantized_twin,
     quantize_model,
-    stored_weight_bytes,
 )
 from mobilellm.exporter.targets import onnx as onnx_target
 from mobilellm.exporter.targets.base import TargetOptions
@@ -288,7 +288,7 @@ def test_layer_sharing_costs_no_weight_bytes(size_pair: dict[str, Exported]) -> 
     assert shared["total_bytes"] <= plain["total_bytes"] * 1.02
     assert size_pair["immediate"].artifact.io["kv_pairs"] == 2 * size_pair["none"].artifact.io["kv_pairs"]
     # Bytes vs the nominal minimum (4-bit linears, 8-bit shared embedding, fp32 norms): fp32 scales per 32.
-    assert shared["total_bytes"] / shared["minimum_bytes"]["total"] < 1.35
+    assert shared["total_bytes"] / shared["size"]["minimum_bytes"] < 1.35
 
 
 def test_check_model_full(exported: Exported) -> None:
@@ -328,7 +328,7 @@ def test_io_layout_and_genai_config(exported: Exported) -> None:
     )
     assert genai["search"]["past_present_share_buffer"] is True  # GroupQueryAttention
     info = art.info
-    assert info["file_bytes"][onnx_target.MODEL_FILE] > 0 and info["minimum_bytes"]["total"] > 0
+    assert info["file_bytes"][onnx_target.MODEL_FILE] > 0 and info["size"]["minimum_bytes"] > 0
     assert info["quantization"]["linear"]["bits"] == exported.opts.bits
 
 

@@ -38,7 +38,7 @@ DECISIVE_MARGIN = 0.5
 AGAINST = ("reference", "twin")
 
 
-class ReferenceRuntime:
+class ReferenceRuntime(TargetRuntime):
     """The reference model (dynamic KV state) behind the TargetRuntime interface."""
 
     def __init__(self, model: MobileLLM) -> None:

@@ -17,7 +17,7 @@ def run_runtime(runtime: TargetRuntime, tokens: np.ndarray, prefill: int) -> np.
     return np.concatenate(out, axis=0).astype(np.float32)
 
 
-class TorchRuntime:
+class TorchRuntime(TargetRuntime):
     """The `TargetRuntime` view of an ExportModel (or its fake-quant twin)."""
 
     def __init__(self, model: torch.nn.Module) -> None:

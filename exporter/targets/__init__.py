@@ -1,6 +1,7 @@
-"""Export targets: siblings behind one small interface (`base.py`), looked up by name.
+"""Export targets: siblings behind one small interface (`base.Target`), looked up by name.
 
-Adding a target means adding its module and one line to `_MODULES`; no other target changes.
+Adding a target means adding its module (defining `TARGET`) and one line to `_MODULES` and `_RUNTIMES`;
+no other target changes.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ import importlib
 import importlib.util
 
 from ..errors import UserError
-from .base import ExportedArtifact, TargetModule, TargetOptions, TargetRuntime
+from .base import ExportedArtifact, RunnerMetadata, Target, TargetOptions, TargetRuntime
 
 __all__ = [
     "TARGET_NAMES",
     "ExportedArtifact",
-    "TargetModule",
+    "RunnerMetadata",
+    "Target",
     "TargetOptions",
     "TargetRuntime",
     "load_target",
@@ -31,7 +33,7 @@ def available_targets() -> list[str]:
     return [name for name in _MODULES if importlib.util.find_spec(_RUNTIMES[name]) is not None]
 
 
-def load_target(name: str) -> TargetModule:
+def load_target(name: str) -> Target:
     if name not in _MODULES:
         raise UserError(f"unknown target {name!r}; choose one of {', '.join(TARGET_NAMES)} or all")
     if name not in available_targets():
@@ -39,4 +41,4 @@ def load_target(name: str) -> TargetModule:
             f"the {name} target needs the {_RUNTIMES[name]} package, which is not installed; "
             f"pip install mobilellm-export (it pins {_RUNTIMES[name]}) or export to {', '.join(available_targets()) or 'no other target'}"
         )
-    return importlib.import_module(_MODULES[name], __name__)  # type: ignore[return-value]
+    return importlib.import_module(_MODULES[name], __name__).TARGET

@@ -1,29 +1,32 @@
-"""The small interface every target implements (see `exporter/targets/executorch.py` for one).
+"""The interface every target implements, and the facts about a bundle all targets share.
 
-A target module defines:
+A target module defines `TARGET`, an instance of a `Target` subclass (see `exporter/targets/onnx.py`):
 
-    NAME: str
-    def quant_scheme(opts: TargetOptions) -> QuantScheme
-        How this target rounds weights/activations; the fake-quant twin follows it exactly.
-    def export(model: ExportModel, quantized: QuantizedModel, ckpt: Checkpoint, opts: TargetOptions, bundle_dir: Path) -> ExportedArtifact
-        Lower the fp32 export model, storing exactly the codes/scales in `quantized`, and write the artifact file(s) into `bundle_dir` (a temp dir the
-        pipeline renames into place when everything succeeded).
-    def open_runtime(bundle_dir: Path, manifest: dict) -> TargetRuntime
-        Load the written artifact with the target's real runtime (or its Linux evaluator).
-    def speed_unmeasurable_reason() -> str | None          (optional)
-        Why `make bench` cannot time this target's runtime here (e.g. Core ML off Apple OSes).
+    quant_scheme(opts)        how this target rounds weights/activations; the fake-quant twin follows it exactly
+    export(model, quantized, ckpt, opts, bundle_dir)
+                              lower the fp32 export model storing exactly `quantized`'s codes/scales, write the
+                              artifact file(s) into `bundle_dir` (a temp dir the pipeline renames into place)
+    open_runtime(bundle_dir, manifest)
+                              load the written artifact with the target's real runtime (or its Linux evaluator)
+    speed_unmeasurable_reason()
+                              why `make bench` cannot time this runtime here (e.g. Core ML off Apple OSes)
+
+`RunnerMetadata` is what a generation runner needs besides the weights; one object feeds the manifest,
+ExecuTorch's constant methods, Core ML's metadata and onnxruntime-genai's config.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..checkpoint import Checkpoint
-from ..export_model import ExportModel
+from ..config import ModelConfig
+from ..export_model import ExportModel, ExportSettings
 from ..quantize import QuantizedModel, QuantMethod, QuantScheme
 
 
@@ -44,10 +47,49 @@ class TargetOptions:
         chosen = self.layer_bits if self.layer_bits is not None else default.get(self.bits, ())
         return tuple((role, bits) for role, bits in chosen if bits != self.bits)
 
+    def export_settings(self) -> ExportSettings:
+        return ExportSettings(max_seq_len=self.max_seq_len, fuse=self.fuse)
+
     def resolved_embedding_bits(self) -> int:
         if self.embedding_bits is not None:
             return self.embedding_bits
         return 16 if self.bits == 16 else 8
+
+
+@dataclass(frozen=True)
+class RunnerMetadata:
+    bos_id: int
+    eos_ids: tuple[int, ...]
+    vocab_size: int
+    max_seq_len: int  # KV-cache length: prompt + generated tokens must fit
+    n_applied: int  # KV-cache pairs: one per block application (sharing unrolled)
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    dim: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, max_seq_len: int) -> "RunnerMetadata":
+        return cls(
+            bos_id=cfg.bos_id,
+            eos_ids=(cfg.eos_id,),
+            vocab_size=cfg.vocab_size,
+            max_seq_len=max_seq_len,
+            n_applied=cfg.n_applied,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            dim=cfg.dim,
+        )
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """The manifest's top-level runner fields (apps read these)."""
+        return {
+            "max_context": self.max_seq_len,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_ids": list(self.eos_ids),
+        }
 
 
 @dataclass
@@ -58,19 +100,34 @@ class ExportedArtifact:
     info: dict[str, Any] = field(default_factory=dict)  # quantization details, measured sizes, notes
 
 
-class TargetRuntime(Protocol):
+class TargetRuntime(ABC):
+    """A loaded artifact, run position by position over its own KV cache."""
+
+    @abstractmethod
     def reset(self) -> None:
         """Forget all cached state (start a new sequence)."""
 
+    @abstractmethod
     def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
         """Run `tokens` (int64 [S]) at positions start..start+S-1; return float32 logits [S, vocab]."""
 
+    def forward_last(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        """Logits [1, vocab] of the last position only: what a generation loop reads."""
+        return self.forward(tokens, start)[-1:]
 
-class TargetModule(Protocol):
-    NAME: str
+    def details(self) -> dict[str, Any]:
+        """Runtime settings worth reporting next to a measurement."""
+        return {}
 
+
+class Target(ABC):
+    NAME: ClassVar[str]
+    RUNTIME_PACKAGE: ClassVar[str]  # the installed package that lowers and runs this target
+
+    @abstractmethod
     def quant_scheme(self, opts: TargetOptions) -> QuantScheme: ...
 
+    @abstractmethod
     def export(
         self,
         model: ExportModel,
@@ -80,4 +137,8 @@ class TargetModule(Protocol):
         bundle_dir: Path,
     ) -> ExportedArtifact: ...
 
+    @abstractmethod
     def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime: ...
+
+    def speed_unmeasurable_reason(self) -> str | None:
+        return None

@@ -50,8 +50,9 @@ from torch import Tensor, nn
 from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..export_model import Attend, ExportModel, decode_stack, sdpa_attention
+from ..memory import StorageBreakdown, size_report
 from ..quantize import QuantizedModel, QuantizedWeight, QuantMethod, QuantScheme, WeightQuant
-from .base import ExportedArtifact, TargetOptions
+from .base import ExportedArtifact, RunnerMetadata, Target, TargetOptions, TargetRuntime
 from .coreml_eval import CoreMLEvaluator, UnsupportedOpError, read_spec
 
 NAME = "coreml"
@@ -205,17 +206,18 @@ def _metadata(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions) -> dict
     except Exception:  # pragma: no cover - not installed
         tool_version = "unknown"
     tokenizer = ckpt.tokenizer_path
+    runner = RunnerMetadata.of(cfg, model.settings.max_seq_len)
     meta = {
         "com.mobilellm.tool": f"mobilellm-export {tool_version}",
         "com.mobilellm.source": str(ckpt.source.name),
         "com.mobilellm.source_format": ckpt.source_format,
         "com.mobilellm.tokenizer": tokenizer.name if tokenizer else "",
         "com.mobilellm.tokenizer_sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest() if tokenizer else "",
-        "com.mobilellm.bos_id": str(cfg.bos_id),
-        "com.mobilellm.eos_id": str(cfg.eos_id),
+        "com.mobilellm.bos_id": str(runner.bos_id),
+        "com.mobilellm.eos_id": ",".join(map(str, runner.eos_ids)),
         "com.mobilellm.max_context": str(cfg.max_context),
-        "com.mobilellm.max_seq_len": str(model.settings.max_seq_len),
-        "com.mobilellm.vocab_size": str(cfg.vocab_size),
+        "com.mobilellm.max_seq_len": str(runner.max_seq_len),
+        "com.mobilellm.vocab_size": str(runner.vocab_size),
         "com.mobilellm.layer_sharing": cfg.sharing,
         "com.mobilellm.schedule": ",".join(map(str, model.schedule)),
         "com.mobilellm.bits": str(opts.bits),
@@ -337,33 +339,21 @@ def _blob_breakdown(package: Path) -> dict[str, int]:
             seen.add(off)
             size = struct.unpack_from("<IIQ", data, off)[2]
             name = op.outputs[0].name if op.outputs else op.type
-            if key in ("scale", "offset"):
-                kind = "quant_scales"
+            if key == "scale":
+                kind = "scales"
+            elif key == "offset":
+                kind = "zero_points"
             elif "rope" in name:
                 kind = "rope_tables"
             elif "bias" in name:
                 kind = "zero_biases"
             elif "norm" in name and "weight" not in name:
-                kind = "norm_gains"
+                kind = "norms"
             else:
-                kind = "weights"
+                kind = "codes"
             out[kind] += size
             out["blobs"] += 1
     return dict(out)
-
-
-def _min_bytes(model: ExportModel, opts: TargetOptions) -> dict[str, int]:
-    cfg = model.config
-    lin = cfg.n_layers * (cfg.block_params() - 2 * cfg.dim)
-    emb = cfg.vocab_size * cfg.dim * (1 if cfg.share_embedding else 2)
-    norms = (2 * cfg.n_layers + 1) * cfg.dim
-    eb = opts.resolved_embedding_bits()
-    return {
-        "linear": lin * opts.bits // 8,
-        "embedding": emb * eb // 8,
-        "norm_gains": norms * 2,
-        "total": lin * opts.bits // 8 + emb * eb // 8 + norms * 2,
-    }
 
 
 def _stable_package_ids(package: Path) -> None:
@@ -453,9 +443,10 @@ def export(
         if op.type in ("pow", "reduce_mean", "rsqrt") and op.outputs and op.outputs[0].type.tensorType.dataType == 11
     )
     weight_bin = package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
-    minimum = _min_bytes(model, opts)
     breakdown = _blob_breakdown(package)
     eb = opts.resolved_embedding_bits()
+    package_bytes = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
+    parts = {kind: breakdown.get(kind, 0) for kind in ("codes", "scales", "zero_points", "norms", "rope_tables")}
     io = {
         "inputs": [
             {"name": "input_ids", "dtype": "int32", "shape": [1, f"1..{n}"]},
@@ -495,9 +486,7 @@ def export(
         },
         "weight_bin_bytes": weight_bin.stat().st_size,
         "weight_bin_breakdown": breakdown,
-        "min_weight_bytes": minimum["total"],
-        "min_weight_bytes_detail": minimum,
-        "weight_bin_over_min": round(weight_bin.stat().st_size / minimum["total"], 4),
+        "size": size_report(cfg, opts.bits, eb, StorageBreakdown.with_graph(package_bytes, **parts)),
         "mil_ops": dict(sorted(op_counts.items())),
         "state_count": len(module.state_names()),
         "metadata": meta,
@@ -520,7 +509,7 @@ def export(
 
 
 # ----------------------------------------------------------------------------- runtimes
-class CoreMLEvalRuntime:
+class CoreMLEvalRuntime(TargetRuntime):
     """TargetRuntime over the numpy evaluator of the saved package (any OS)."""
 
     def __init__(self, package: Path) -> None:
@@ -540,7 +529,7 @@ class CoreMLEvalRuntime:
         return np.asarray(out["logits"][0], dtype=np.float32)
 
 
-class CoreMLDeviceRuntime:  # pragma: no cover - needs macOS 15+; cannot run on Linux
+class CoreMLDeviceRuntime(TargetRuntime):  # pragma: no cover - needs macOS 15+; cannot run on Linux
     """TargetRuntime over the real Core ML runtime: MLModel.predict with an MLState."""
 
     def __init__(self, package: Path, compute_units: str = "ALL") -> None:
@@ -604,3 +593,31 @@ def open_runtime(bundle_dir: Path, manifest: dict[str, Any], device: bool | None
         raise UserError(
             f"{package}: corrupt or unreadable Core ML package ({type(exc).__name__}: {exc}); re-export it"
         ) from None
+
+
+class CoreMLTarget(Target):
+    """Core ML .mlpackage: the module's functions behind the `Target` interface."""
+
+    NAME = NAME
+
+    def quant_scheme(self, opts: TargetOptions) -> QuantScheme:
+        return quant_scheme(opts)
+
+    def export(
+        self,
+        model: ExportModel,
+        quantized: QuantizedModel,
+        ckpt: Checkpoint | None,
+        opts: TargetOptions,
+        bundle_dir: Path,
+    ) -> ExportedArtifact:
+        return export(model, quantized, ckpt, opts, bundle_dir)
+
+    def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime:
+        return open_runtime(bundle_dir, manifest)
+
+    def speed_unmeasurable_reason(self) -> str | None:
+        return speed_unmeasurable_reason()
+
+
+TARGET = CoreMLTarget()

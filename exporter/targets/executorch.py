@@ -38,8 +38,9 @@ from torch import Tensor, nn
 from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..export_model import Attend, ExportModel, decode_stack
+from ..memory import StorageBreakdown, norm_bytes, quantized_storage, rope_table_bytes, size_report
 from ..quantize import QuantizedModel, QuantizedWeight, QuantScheme, WeightQuant, nbytes
-from .base import ExportedArtifact, TargetOptions
+from .base import ExportedArtifact, RunnerMetadata, Target, TargetOptions, TargetRuntime
 
 NAME = "executorch"
 PTE_NAME = "model.pte"
@@ -202,14 +203,15 @@ def _use_custom_ops(override: bool | None) -> bool:
 
 
 # ============================================================================ export
-def _metadata(ckpt_cfg: Any, opts: TargetOptions, custom_ops: bool) -> dict[str, Any]:
+def _metadata(runner: RunnerMetadata, custom_ops: bool) -> dict[str, Any]:
+    """The constant methods ExecuTorch's TextLLMRunner (and Android's LlmModule) read."""
     return {
-        "get_max_seq_len": opts.max_seq_len,
-        "get_max_context_len": opts.max_seq_len,
-        "get_bos_id": ckpt_cfg.bos_id,
-        "get_eos_ids": [ckpt_cfg.eos_id],
-        "get_vocab_size": ckpt_cfg.vocab_size,
-        "get_n_layers": ckpt_cfg.n_applied,
+        "get_max_seq_len": runner.max_seq_len,
+        "get_max_context_len": runner.max_seq_len,
+        "get_bos_id": runner.bos_id,
+        "get_eos_ids": list(runner.eos_ids),
+        "get_vocab_size": runner.vocab_size,
+        "get_n_layers": runner.n_applied,
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": custom_ops,
         "enable_dynamic_shape": True,
@@ -302,29 +304,6 @@ def lower_to_pte(
     return buf, {k: round(v, 1) for k, v in times.items()}
 
 
-def minimum_bytes(cfg: Any, opts: TargetOptions) -> dict[str, int]:
-    """Bytes the stored weights need at their bit widths, each unique tensor once."""
-    s = quant_scheme(opts)
-    d, kv, ffn, v = cfg.dim, cfg.kv_dim, cfg.ffn_dim, cfg.vocab_size
-    block = (
-        nbytes(d + 2 * kv, d, s.linear)
-        + nbytes(d, d, s.linear)
-        + nbytes(2 * ffn, d, s.linear)
-        + nbytes(d, ffn, s.linear)
-        + 2 * d * 4
-    )
-    emb = nbytes(v, d, s.embedding)
-    out = nbytes(v, d, s.output) if (_separate_output(opts) or not cfg.share_embedding) else 0
-    return {
-        "blocks": cfg.n_layers * block,
-        "embedding": emb,
-        "output_projection": out,
-        "final_norm": d * 4,
-        "total": cfg.n_layers * block + emb + out + d * 4,
-        "total_if_embedding_stored_once": cfg.n_layers * block + emb + d * 4,
-    }
-
-
 def embedding_copies(pte: bytes, quantized: QuantizedModel) -> int | None:
     """How many times the embedding table's stored bytes occur in the .pte (fp32 rows or int8 codes;
     counted on the first 4 rows, which cannot collide by chance). None for a 4-bit table (packed)."""
@@ -364,15 +343,24 @@ def export(
     _check_bits(opts)
     check_group_size(cfg, opts)
     use_custom = _use_custom_ops(custom_ops)
-    meta = _metadata(cfg, opts, use_custom)
+    meta = _metadata(RunnerMetadata.of(cfg, opts.max_seq_len), use_custom)
     t0 = time.perf_counter()
     buf, phase_seconds = lower_to_pte(model, quantized, meta, use_custom)
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     (bundle_dir / PTE_NAME).write_bytes(buf)
-    mins = minimum_bytes(cfg, opts)
     scheme = quant_scheme(opts)
     copies = embedding_copies(buf, quantized)
+    # The .pte's parts are not addressable from Python: codes/scales are what the quantizer handed the
+    # lowering (XNNPACK packs them as given), the rest of the file (program, extra table copies) is graph.
+    breakdown = StorageBreakdown.with_graph(
+        len(buf),
+        **quantized_storage(quantized),
+        norms=norm_bytes(cfg, 4),
+        rope_tables=rope_table_bytes(cfg, opts.max_seq_len, 4),
+    )
+    output_bytes = nbytes(cfg.vocab_size, cfg.dim, scheme.output)
+    table_bytes = nbytes(cfg.vocab_size, cfg.dim, scheme.embedding)
     info: dict[str, Any] = {
         "runtime": "executorch 1.5 (XNNPACK delegate + portable/optimized kernels), stock TextLLMRunner",
         "lowering": "torch.export -> to_edge_transform_and_lower(XnnpackPartitioner) -> to_executorch",
@@ -393,14 +381,12 @@ def export(
         "group_size": opts.group_size if 4 in (opts.bits, embedding_bits(opts)) else None,
         "scale_dtype": str(scheme.linear.scale_dtype).removeprefix("torch.") if opts.bits != 16 else None,
         "pte_bytes": len(buf),
-        "minimum_bytes": mins["total"],
-        "minimum_bytes_breakdown": mins,
-        "pte_over_minimum": round(len(buf) / mins["total"], 4),
+        "size": size_report(cfg, opts.bits, embedding_bits(opts), breakdown),
         "embedding_table_copies_in_pte": copies,
         "embedding_stored_once": (not _separate_output(opts)) and copies == 1,
-        "extra_bytes_for_output_projection": mins["output_projection"]
+        "extra_bytes_for_output_projection": output_bytes
         if _separate_output(opts)
-        else (copies - 1) * mins["embedding"]
+        else (copies - 1) * table_bytes
         if copies
         else None,
         "export_seconds": round(time.perf_counter() - t0, 1),
@@ -511,7 +497,7 @@ def _native_stderr() -> Iterator[_CapturedStderr]:
         os.close(saved_fd)
 
 
-class ExecuTorchRuntime:
+class ExecuTorchRuntime(TargetRuntime):
     """`model.pte` through `executorch.runtime`; `reset()` loads a fresh method (fresh KV buffers)."""
 
     def __init__(self, pte_path: Path) -> None:
@@ -535,6 +521,9 @@ class ExecuTorchRuntime:
                 raise UserError(
                     f"{pte_path}: not a loadable ExecuTorch program ({reason}); re-export the bundle"
                 ) from None
+
+    def details(self) -> dict[str, Any]:
+        return {"xnnpack_weight_cache": self.xnnpack_weight_cache}
 
     def reset(self) -> None:
         self._method = None  # drop the old planned memory first
@@ -594,3 +583,28 @@ def generate_with_runner(
     )
     runner.generate(prompt, config, token_callback=collect)
     return "".join(pieces)
+
+
+class ExecuTorchTarget(Target):
+    """ExecuTorch .pte (XNNPACK): the module's functions behind the `Target` interface."""
+
+    NAME = NAME
+
+    def quant_scheme(self, opts: TargetOptions) -> QuantScheme:
+        return quant_scheme(opts)
+
+    def export(
+        self,
+        model: ExportModel,
+        quantized: QuantizedModel,
+        ckpt: Checkpoint | None,
+        opts: TargetOptions,
+        bundle_dir: Path,
+    ) -> ExportedArtifact:
+        return export(model, quantized, ckpt, opts, bundle_dir)
+
+    def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime:
+        return open_runtime(bundle_dir, manifest)
+
+
+TARGET = ExecuTorchTarget()

@@ -49,9 +49,10 @@ from torch import Tensor
 from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..export_model import ExportModel
+from ..memory import StorageBreakdown, size_report
 from ..model import rope_tables
 from ..quantize import QuantizedModel, QuantizedWeight, QuantMethod, QuantScheme, WeightQuant
-from .base import ExportedArtifact, TargetOptions
+from .base import ExportedArtifact, RunnerMetadata, Target, TargetOptions, TargetRuntime
 
 NAME = "onnx"
 MODEL_FILE = "model.onnx"
@@ -81,6 +82,30 @@ EIGHT_BIT_BLOCK = 128
 # llama.cpp's Q4_K_M file of the same model (+6.8%); so the down projections of the blocks Q4_K_M gives
 # more bits (first and last eighth, every third between: 15 of 30) go to 8 bits.
 DEFAULT_LAYER_BITS: dict[int, tuple[tuple[str, int], ...]] = {4: (("w2@q4km", 8),)}
+
+
+@dataclass(frozen=True)
+class DecoderIO:
+    """The graph's I/O names (onnxruntime-genai's "decoder" layout), declared once for the graph, the
+    manifest's io, genai_config.json and the runtime."""
+
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    position_ids: str = "position_ids"
+    logits: str = "logits"
+    past_key: str = "past_key_values.%d.key"
+    past_value: str = "past_key_values.%d.value"
+    present_key: str = "present.%d.key"
+    present_value: str = "present.%d.value"
+
+    def past(self, i: int) -> tuple[str, str]:
+        return self.past_key % i, self.past_value % i
+
+    def present(self, i: int) -> tuple[str, str]:
+        return self.present_key % i, self.present_value % i
+
+
+IO = DecoderIO()
 
 
 @dataclass(frozen=True)
@@ -414,17 +439,14 @@ class _Builder:
         B, S, T, P = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
         kv_shape = lambda seq: [B, cfg.n_kv_heads, seq, cfg.head_dim]  # noqa: E731
         inputs = [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T]),
-            helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, S]),
+            helper.make_tensor_value_info(IO.input_ids, TensorProto.INT64, [B, S]),
+            helper.make_tensor_value_info(IO.attention_mask, TensorProto.INT64, [B, T]),
+            helper.make_tensor_value_info(IO.position_ids, TensorProto.INT64, [B, S]),
         ]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, cfg.vocab_size])]
+        outputs = [helper.make_tensor_value_info(IO.logits, TensorProto.FLOAT, [B, S, cfg.vocab_size])]
         for i in range(n_app):
-            for kind in ("key", "value"):
-                inputs.append(
-                    helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape(P))
-                )
-                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape(T)))
+            inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, kv_shape(P)) for name in IO.past(i)]
+            outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, kv_shape(T)) for name in IO.present(i)]
 
         sch = self.scheme
         emb = self.weight("tok_embeddings.weight", "model.embed_tokens.weight", sch.embedding)
@@ -451,12 +473,12 @@ class _Builder:
         if self.graph_options.attention == "gqa":
             total = g.node(
                 "Cast",
-                [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)], axis=0)],
+                [g.node("Gather", [g.node("Shape", [IO.attention_mask]), g.const(1)], axis=0)],
                 to=TensorProto.INT32,
             )
             seqlens_k = g.node(
                 "Cast",
-                [g.node("Sub", [g.node("ReduceSum", ["attention_mask", g.const([1])], keepdims=0), g.const(1)])],
+                [g.node("Sub", [g.node("ReduceSum", [IO.attention_mask, g.const([1])], keepdims=0), g.const(1)])],
                 to=TensorProto.INT32,
             )
         else:
@@ -465,24 +487,23 @@ class _Builder:
             cos_full = g.node(
                 "Unsqueeze",
                 [
-                    g.node("Gather", [g.node("Concat", [rope_cos, rope_cos], axis=-1), "position_ids"], axis=0),
+                    g.node("Gather", [g.node("Concat", [rope_cos, rope_cos], axis=-1), IO.position_ids], axis=0),
                     g.const([1]),
                 ],
             )
             sin_full = g.node(
                 "Unsqueeze",
                 [
-                    g.node("Gather", [g.node("Concat", [rope_sin, rope_sin], axis=-1), "position_ids"], axis=0),
+                    g.node("Gather", [g.node("Concat", [rope_sin, rope_sin], axis=-1), IO.position_ids], axis=0),
                     g.const([1]),
                 ],
             )
 
-        h = self.embed("input_ids", emb)
+        h = self.embed(IO.input_ids, emb)
         x = self.rms(h, blocks[m.schedule[0]]["attention_norm"])
         for i, b in enumerate(m.schedule):
             w = blocks[b]
-            past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-            pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+            (past_k, past_v), (pres_k, pres_v) = IO.past(i), IO.present(i)
             if m.settings.fuse:
                 qkv = self.linear(x, w["wqkv"])
                 q_, k_, v_ = (
@@ -495,14 +516,14 @@ class _Builder:
             if self.graph_options.rotary == "op":
                 q_ = g.node(
                     "RotaryEmbedding",
-                    [q_, "position_ids", rope_cos, rope_sin],
+                    [q_, IO.position_ids, rope_cos, rope_sin],
                     domain=MS,
                     interleaved=0,
                     num_heads=cfg.n_heads,
                 )
                 k_ = g.node(
                     "RotaryEmbedding",
-                    [k_, "position_ids", rope_cos, rope_sin],
+                    [k_, IO.position_ids, rope_cos, rope_sin],
                     domain=MS,
                     interleaved=0,
                     num_heads=cfg.n_kv_heads,
@@ -548,7 +569,7 @@ class _Builder:
                 "MatMulNBits",
                 [x, *out_w.nbits_inputs()],
                 domain=MS,
-                outputs=["logits"],
+                outputs=[IO.logits],
                 K=out_w.shape[1],
                 N=out_w.shape[0],
                 bits=out_w.wq.bits,
@@ -556,7 +577,7 @@ class _Builder:
                 accuracy_level=self.graph_options.accuracy_level(out_w.wq.bits),
             )
         else:
-            g.node("Identity", [self.linear(x, out_w)], outputs=["logits"])
+            g.node("Identity", [self.linear(x, out_w)], outputs=[IO.logits])
 
         graph = helper.make_graph(g.nodes, "mobilellm", inputs, outputs, list(g.inits.values()))
         model = helper.make_model(
@@ -572,10 +593,10 @@ class _Builder:
         from onnx import TensorProto
 
         g = self.g
-        total = g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const(1)], axis=0)
+        total = g.node("Gather", [g.node("Shape", [IO.attention_mask]), g.const(1)], axis=0)
         kpos = g.node("Range", [g.const(0), total, g.const(1)])  # [T]
-        causal = g.node("LessOrEqual", [kpos, g.node("Unsqueeze", ["position_ids", g.const([2])])])  # [B, S, T]
-        pad = g.node("Unsqueeze", [g.node("Cast", ["attention_mask"], to=TensorProto.BOOL), g.const([1])])  # [B, 1, T]
+        causal = g.node("LessOrEqual", [kpos, g.node("Unsqueeze", [IO.position_ids, g.const([2])])])  # [B, S, T]
+        pad = g.node("Unsqueeze", [g.node("Cast", [IO.attention_mask], to=TensorProto.BOOL), g.const([1])])  # [B, 1, T]
         allowed = g.node("And", [causal, pad])
         neg = g.const(np.finfo(np.float32).min, np.float32)
         return g.node("Unsqueeze", [g.node("Where", [allowed, g.const(0.0, np.float32), neg]), g.const([1])])
@@ -639,26 +660,6 @@ class _Builder:
 
 
 # ----------------------------------------------------------------------------- sizes
-def minimum_bytes(model: ExportModel, opts: TargetOptions) -> dict[str, int]:
-    """Bytes the unique weights need at their nominal bit widths (no scales), norms at fp32."""
-    scheme = quant_scheme(opts)
-    seen: set[int] = set()
-    total = {"linear": 0, "embedding": 0, "norms": 0}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        key = p.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        if p.ndim == 1:
-            total["norms"] += p.numel() * 4
-        elif name.startswith(("tok_embeddings", "output")):
-            total["embedding"] += p.numel() * scheme.embedding.bits // 8
-        else:
-            total["linear"] += p.numel() * scheme.for_weight(name, model.config.n_layers).bits // 8
-    total["total"] = sum(total.values())
-    return total
-
-
 def initializer_report(onnx_model: Any) -> dict[str, Any]:
     """Count/bytes of weight initializers and whether any two hold identical bytes."""
     import hashlib
@@ -668,6 +669,7 @@ def initializer_report(onnx_model: Any) -> dict[str, Any]:
     rows = []
     digests: dict[str, str] = {}
     dupes = []
+    kinds = {"codes": 0, "scales": 0, "zero_points": 0, "norms": 0, "rope_tables": 0}
     for init in onnx_model.graph.initializer:
         arr = numpy_helper.to_array(init)
         d = hashlib.sha256(arr.tobytes() + str(arr.shape).encode() + str(arr.dtype).encode()).hexdigest()
@@ -675,7 +677,24 @@ def initializer_report(onnx_model: Any) -> dict[str, Any]:
             dupes.append((digests[d], init.name))
         digests.setdefault(d, init.name)
         rows.append((init.name, int(arr.nbytes)))
-    return {"count": len(rows), "bytes": sum(b for _, b in rows), "duplicates": dupes, "names": [n for n, _ in rows]}
+        kinds[_initializer_kind(init.name, arr.ndim)] += int(arr.nbytes)
+    return {
+        "count": len(rows),
+        "bytes": sum(b for _, b in rows),
+        "duplicates": dupes,
+        "names": [n for n, _ in rows],
+        "kinds": kinds,
+    }
+
+
+def _initializer_kind(name: str, ndim: int) -> str:
+    if name.endswith(".scales"):
+        return "scales"
+    if name.endswith(".zero_points"):
+        return "zero_points"
+    if name.startswith("rope."):
+        return "rope_tables"
+    return "norms" if ndim == 1 else "codes"  # the only 1-D float initializers are RMSNorm gains
 
 
 # ----------------------------------------------------------------------------- export
@@ -708,35 +727,26 @@ def export(
         proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0
     )
     files = [MODEL_FILE, DATA_FILE]
-    files += _write_genai_config(bundle_dir, cfg, opts, graph)
+    files += _write_genai_config(bundle_dir, RunnerMetadata.of(cfg, opts.max_seq_len), graph)
     tok_files, tok_note = _write_tokenizer(bundle_dir, getattr(ckpt, "tokenizer_path", None), cfg)
     files += tok_files
 
     scheme = quant_scheme(opts, graph)
-    mins = minimum_bytes(model, opts)
     file_bytes = {f: (bundle_dir / f).stat().st_size for f in (MODEL_FILE, DATA_FILE)}
     n_app = len(model.schedule)
     kv_past = ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
     kv_total = ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim]
     io = {  # the manifest's list form: one entry per graph input/output, one KV pair per block application
         "inputs": [
-            {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
-            {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
-            {"name": "position_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+            {"name": IO.input_ids, "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+            {"name": IO.attention_mask, "dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
+            {"name": IO.position_ids, "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
         ]
-        + [
-            {"name": f"past_key_values.{i}.{kv}", "dtype": "float32", "shape": kv_past}
-            for i in range(n_app)
-            for kv in ("key", "value")
-        ],
+        + [{"name": name, "dtype": "float32", "shape": kv_past} for i in range(n_app) for name in IO.past(i)],
         "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": ["batch_size", "sequence_length", cfg.vocab_size]},
+            {"name": IO.logits, "dtype": "float32", "shape": ["batch_size", "sequence_length", cfg.vocab_size]},
         ]
-        + [
-            {"name": f"present.{i}.{kv}", "dtype": "float32", "shape": kv_total}
-            for i in range(n_app)
-            for kv in ("key", "value")
-        ],
+        + [{"name": name, "dtype": "float32", "shape": kv_total} for i in range(n_app) for name in IO.present(i)],
         "kv_pairs": n_app,
         "max_seq_len": model.settings.max_seq_len,
     }
@@ -757,8 +767,12 @@ def export(
         "initializers": {"count": inits["count"], "bytes": inits["bytes"], "duplicates": len(inits["duplicates"])},
         "file_bytes": file_bytes,
         "total_bytes": sum(file_bytes.values()),
-        "minimum_bytes": mins,
-        "overhead_vs_minimum": round(sum(file_bytes.values()) / mins["total"], 4),
+        "size": size_report(
+            cfg,
+            opts.bits,
+            scheme.embedding.bits,
+            StorageBreakdown.with_graph(sum(file_bytes.values()), **inits["kinds"]),
+        ),
         "tokenizer": tok_note,
     }
     return ExportedArtifact(target=NAME, files=files, io=io, info=info)
@@ -782,44 +796,43 @@ def _describe(wq: WeightQuant) -> dict[str, Any]:
     }
 
 
-def _write_genai_config(bundle_dir: Path, cfg: Any, opts: TargetOptions, graph: GraphOptions) -> list[str]:
-    n_app = cfg.n_applied
+def _write_genai_config(bundle_dir: Path, runner: RunnerMetadata, graph: GraphOptions) -> list[str]:
     conf = {
         "model": {
-            "bos_token_id": cfg.bos_id,
-            "context_length": opts.max_seq_len,
+            "bos_token_id": runner.bos_id,
+            "context_length": runner.max_seq_len,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": MODEL_FILE,
-                "head_size": cfg.head_dim,
-                "hidden_size": cfg.dim,
+                "head_size": runner.head_dim,
+                "hidden_size": runner.dim,
                 "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
+                    "input_ids": IO.input_ids,
+                    "attention_mask": IO.attention_mask,
+                    "position_ids": IO.position_ids,
+                    "past_key_names": IO.past_key,
+                    "past_value_names": IO.past_value,
                 },
                 "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
+                    "logits": IO.logits,
+                    "present_key_names": IO.present_key,
+                    "present_value_names": IO.present_value,
                 },
-                "num_attention_heads": cfg.n_heads,
-                "num_hidden_layers": n_app,  # KV pairs: one per block application (sharing unrolled)
-                "num_key_value_heads": cfg.n_kv_heads,
+                "num_attention_heads": runner.n_heads,
+                "num_hidden_layers": runner.n_applied,  # KV pairs: one per block application (sharing unrolled)
+                "num_key_value_heads": runner.n_kv_heads,
             },
-            "eos_token_id": cfg.eos_id,
-            "pad_token_id": cfg.eos_id,
+            "eos_token_id": list(runner.eos_ids) if len(runner.eos_ids) > 1 else runner.eos_ids[0],
+            "pad_token_id": runner.eos_ids[0],
             "type": "llama",
-            "vocab_size": cfg.vocab_size,
+            "vocab_size": runner.vocab_size,
         },
         "search": {
             "diversity_penalty": 0.0,
             "do_sample": False,
             "early_stopping": True,
             "length_penalty": 1.0,
-            "max_length": opts.max_seq_len,
+            "max_length": runner.max_seq_len,
             "min_length": 0,
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
@@ -908,7 +921,7 @@ def _tokenizer_config(bundle_dir: Path, cfg: Any, pieces: dict[str, str] | None)
 
 
 # ----------------------------------------------------------------------------- runtime
-class OnnxRuntime:
+class OnnxRuntime(TargetRuntime):
     """onnxruntime CPU session behind the `TargetRuntime` interface; present -> past between calls."""
 
     def __init__(self, model_path: Path, threads: int | None = None, spin: bool = False) -> None:
@@ -930,10 +943,10 @@ class OnnxRuntime:
                 f"{model_path}: onnxruntime cannot load the model ({first}); the bundle is corrupt or incomplete, re-export it"
             ) from None
         names = [i.name for i in self.session.get_inputs()]
-        self.n_pairs = sum(1 for n in names if n.startswith("past_key_values.") and n.endswith(".key"))
-        past = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
+        self.n_pairs = sum(1 for n in names if n.startswith(IO.past_key.split("%d")[0]) and n.endswith(".key"))
+        past = next(i for i in self.session.get_inputs() if i.name == IO.past(0)[0])
         self.kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
-        self.output_names = ["logits"] + [f"present.{i}.{k}" for i in range(self.n_pairs) for k in ("key", "value")]
+        self.output_names = [IO.logits] + [name for i in range(self.n_pairs) for name in IO.present(i)]
         self.reset()
 
     def reset(self) -> None:
@@ -949,13 +962,12 @@ class OnnxRuntime:
             self.past = [p[:, :, :start] for p in self.past]
         s = len(tokens)
         feed = {
-            "input_ids": tokens[None],
-            "attention_mask": np.ones((1, start + s), np.int64),
-            "position_ids": np.arange(start, start + s, dtype=np.int64)[None],
+            IO.input_ids: tokens[None],
+            IO.attention_mask: np.ones((1, start + s), np.int64),
+            IO.position_ids: np.arange(start, start + s, dtype=np.int64)[None],
         }
         for i in range(self.n_pairs):
-            feed[f"past_key_values.{i}.key"] = self.past[2 * i]
-            feed[f"past_key_values.{i}.value"] = self.past[2 * i + 1]
+            feed[IO.past_key % i], feed[IO.past_value % i] = self.past[2 * i], self.past[2 * i + 1]
         out = self.session.run(self.output_names, feed)
         self.past = out[1:]
         self.length = start + s
@@ -976,3 +988,28 @@ def open_runtime(bundle_dir: Path, manifest: dict[str, Any] | None = None, threa
     if threads is None and isinstance(manifest.get("threads"), int):
         threads = manifest["threads"]
     return OnnxRuntime(path, threads)
+
+
+class OnnxTarget(Target):
+    """ONNX for onnxruntime / onnxruntime-genai: the module's functions behind the `Target` interface."""
+
+    NAME = NAME
+
+    def quant_scheme(self, opts: TargetOptions) -> QuantScheme:
+        return quant_scheme(opts)
+
+    def export(
+        self,
+        model: ExportModel,
+        quantized: QuantizedModel,
+        ckpt: Checkpoint | None,
+        opts: TargetOptions,
+        bundle_dir: Path,
+    ) -> ExportedArtifact:
+        return export(model, quantized, ckpt, opts, bundle_dir)
+
+    def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime:
+        return open_runtime(bundle_dir, manifest)
+
+
+TARGET = OnnxTarget()
