@@ -6,8 +6,11 @@ Exit codes: 0 success, 1 parity failed, 2 user error (bad input), 3 internal err
 from __future__ import annotations
 
 import enum
+import json
+import logging
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -230,7 +233,6 @@ def bench(
     decode_tokens: int = typer.Option(64, "--decode-tokens", help="Tokens decoded after the prefill."),
 ) -> None:
     """Load time, prefill/decode tokens/s, peak RSS and size of one bundle (run in a fresh process)."""
-    import json
 
     from .measure import bench_bundle_subprocess
 
@@ -259,8 +261,6 @@ def random_checkpoint(
 def _quiet_library_logs() -> None:
     """torchao and torch log import-time noise (CUDA-only kernels missing, a deprecation) that says
     nothing about the user's export; keep the terminal for our own messages."""
-    import logging
-    import warnings
 
     for name in ("torchao", "torch.utils._pytree", "coremltools"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import shutil
+import struct
 import sys
 import time
 import uuid
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +203,6 @@ def _fp16_op_selector(op) -> bool:
 def _metadata(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions) -> dict[str, str]:
     cfg = model.config
     try:
-        from importlib.metadata import version
-
         tool_version = version("mobilellm-export")
     except Exception:  # pragma: no cover - not installed
         tool_version = "unknown"
@@ -317,7 +318,6 @@ def _quantize(mlmodel, model: ExportModel, quantized: QuantizedModel) -> tuple[A
 
 def _blob_breakdown(package: Path) -> dict[str, int]:
     """Bytes of weight.bin data per kind of const, from the saved spec (what is really stored)."""
-    import struct
 
     spec, spec_path = read_spec(package)
     data = (spec_path.parent / "weights" / "weight.bin").read_bytes()
@@ -400,7 +400,6 @@ def export(
         ct.TensorType(name="input_ids", shape=(1, seq), dtype=np.int32),
         ct.TensorType(name="causal_mask", shape=(1, 1, seq, end), dtype=np.float16),
     ]
-    import logging
 
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     mlmodel = ct.convert(

@@ -26,7 +26,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -467,8 +470,6 @@ def enable_xnnpack_weight_cache() -> bool:
 
 class _CapturedStderr:
     def __init__(self) -> None:
-        import io
-        import tempfile
 
         self.file = tempfile.TemporaryFile(mode="w+b")
         self.text = io.StringIO()
@@ -482,7 +483,6 @@ class _CapturedStderr:
 def _native_stderr() -> Iterator[_CapturedStderr]:
     """Capture what the ExecuTorch runtime logs while loading: its C++ log goes to fd 2, and the
     Python bindings may route it through `sys.stderr` instead; catch both."""
-    import sys
 
     captured = _CapturedStderr()
     sys.stderr.flush()

@@ -35,6 +35,7 @@ Graph I/O (onnxruntime-genai "decoder" layout, one KV pair per block *applicatio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -662,7 +663,6 @@ class _Builder:
 # ----------------------------------------------------------------------------- sizes
 def initializer_report(onnx_model: Any) -> dict[str, Any]:
     """Count/bytes of weight initializers and whether any two hold identical bytes."""
-    import hashlib
 
     from onnx import numpy_helper
 
