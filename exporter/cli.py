@@ -226,6 +226,34 @@ def validate(
 
 
 @app.command()
+def generate(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by an export."),
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (with --temperature > 0)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
+) -> None:
+    """Generate text with the bundle's own runtime client, streamed, then prompt/decode tokens per second."""
+    from .generate import generate_from_bundle
+    from .targets import GenerationRequest
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    request = GenerationRequest(prompt, max_new_tokens, temperature, top_p, seed, chat)
+    result = generate_from_bundle(bundle, request, stream)
+    sys.stdout.write("\n")
+    typer.echo(
+        f"{result.client}: prompt {result.prompt_tokens} tokens at {result.prefill_tokens_per_s:.1f} tok/s, "
+        f"{result.generated_tokens} generated at {result.decode_tokens_per_s:.1f} tok/s",
+        err=True,
+    )
+
+
+@app.command()
 def bench(
     bundle: Path = typer.Argument(..., help="Bundle folder written by an export."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for the runtime."),

@@ -115,8 +115,9 @@ class ExportBlock(nn.Module):
         cfg = self.cfg
         q, k, v = self.qkv(rms_norm(x, self.attention_norm, cfg.norm_eps))
         # Batch 1 and -1 for the sequence: no traced shape arithmetic (Core ML), dynamic length (torch.export).
-        q = apply_rope(q.view(1, -1, cfg.n_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(1, -1, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+        half = cfg.head_dim // 2
+        q = apply_rope(q.view(1, -1, cfg.n_heads, cfg.head_dim), cos, sin, half)
+        k = apply_rope(k.view(1, -1, cfg.n_kv_heads, cfg.head_dim), cos, sin, half)
         h = x + self.wo(attend(q, k, v.view(1, -1, cfg.n_kv_heads, cfg.head_dim)))
         gate, up = self.gate_up(rms_norm(h, self.ffn_norm, cfg.norm_eps))
         return h + self.w2(F.silu(gate) * up)

@@ -45,15 +45,16 @@ def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[Tensor
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    # chunk, not x.shape[-1] // 2: traced shape arithmetic becomes NumToTensor/Int pairs Core ML cannot convert.
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+def rotate_half(x: Tensor, half: int | None = None) -> Tensor:
+    # `half` as a Python int where the caller knows head_dim: traced shape arithmetic (x.shape[-1] // 2)
+    # becomes NumToTensor/Int pairs that Core ML cannot convert.
+    half = x.shape[-1] // 2 if half is None else half
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, half: int | None = None) -> Tensor:
     """Hugging Face rotate-half RoPE; cos/sin broadcast against x ([B, H, S, D] with [S, D], or [B, S, H, D] with [S, 1, D])."""
-    return x * cos + rotate_half(x) * sin
+    return x * cos + rotate_half(x, half) * sin
 
 
 class Attention(nn.Module):

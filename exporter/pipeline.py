@@ -37,7 +37,7 @@ from .quantize import (
 )
 from .recipe import ExportOptions
 from .targets import RunnerMetadata, Target, TargetOptions, load_target
-from .tokenizer import load_tokenizer, parity_tokens
+from .tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, load_tokenizer, parity_tokens, write_tokenizer_json
 
 
 def log(msg: str) -> None:
@@ -175,13 +175,19 @@ def run_export(options: ExportOptions) -> list[Path]:
                 log(f"[{module.NAME}] timings: {timings}")
             tok_name = ckpt.tokenizer_path.name
             shutil.copy(ckpt.tokenizer_path, tmp / tok_name)
+            # Every bundle carries tokenizer.json (Hugging Face tokenizers format: what swift-transformers,
+            # onnxruntime-genai and ExecuTorch's runners read) beside the original file.
+            tok_files = [f for f in (TOKENIZER_JSON, TOKENIZER_CONFIG) if f in artifact.files]
+            if not tok_files:
+                tok_files = write_tokenizer_json(tmp, ckpt.tokenizer_path, ckpt.config.max_context)[0]
             parity_summary = None
             if options.parity:
                 twin = fake_quantized_twin(model, quantized)
                 log(f"[{module.NAME}] computing reference and twin outputs ...")
                 golden = compute_golden({"reference": reference, "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len)
                 golden.save(tmp / GOLDEN_FILE)
-            files = file_entries(tmp, [*artifact.files, tok_name] + ([GOLDEN_FILE] if options.parity else []))
+            extra = [tok_name] + [f for f in tok_files if f not in artifact.files and f != tok_name]
+            files = file_entries(tmp, [*artifact.files, *extra] + ([GOLDEN_FILE] if options.parity else []))
             manifest = manifest_for(name, module, ckpt, opts, quantized, artifact, files, None, tok_name)
             write_json(tmp / MANIFEST, manifest)
             if options.parity:

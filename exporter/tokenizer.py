@@ -1,11 +1,16 @@
-"""Tokenizer loading for parity text (SentencePiece `tokenizer.model` or HF `tokenizer.json`)."""
+"""Tokenizers: loading for parity text (SentencePiece `tokenizer.model` or HF `tokenizer.json`), and the
+`tokenizer.json` every bundle carries (Hugging Face tokenizers format, what the runtimes' clients read)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from .errors import UserError
 
 
 class Tokenizer(Protocol):
@@ -51,3 +56,80 @@ def parity_tokens(tokenizer: Tokenizer | None, text: str, count: int, vocab_size
         rng = np.random.default_rng(1234)
         ids += rng.integers(3, vocab_size, count - len(ids)).tolist()
     return np.asarray(ids[:count], dtype=np.int64)
+
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def write_tokenizer_json(bundle_dir: Path, tokenizer: Path, max_context: int) -> tuple[list[str], str]:
+    """tokenizer.json + tokenizer_config.json in `bundle_dir`: copied when the checkpoint has them,
+    converted from a SentencePiece model otherwise. Returns the files and a note; a tokenizer that
+    cannot be converted is a UserError (a bundle without tokenizer.json is incomplete)."""
+    if tokenizer.suffix == ".json":
+        if tokenizer.resolve() != (bundle_dir / TOKENIZER_JSON).resolve():
+            shutil.copy(tokenizer, bundle_dir / TOKENIZER_JSON)
+        source_config = tokenizer.parent / TOKENIZER_CONFIG
+        if source_config.is_file():
+            shutil.copy(source_config, bundle_dir / TOKENIZER_CONFIG)
+        else:
+            _tokenizer_config(bundle_dir, max_context, None)
+        return [TOKENIZER_JSON, TOKENIZER_CONFIG], f"copied {tokenizer.name}"
+    try:
+        converted, pieces = spm_to_tokenizers(tokenizer)
+    except Exception as exc:  # noqa: BLE001 - any failure means no tokenizer.json: say which file and why
+        raise UserError(
+            f"{tokenizer}: cannot convert to tokenizer.json ({type(exc).__name__}: {str(exc)[:200]}); "
+            "pass a readable tokenizer.model or a tokenizer.json with --tokenizer"
+        ) from None
+    converted.save(str(bundle_dir / TOKENIZER_JSON))
+    _tokenizer_config(bundle_dir, max_context, pieces)
+    return [
+        TOKENIZER_JSON,
+        TOKENIZER_CONFIG,
+    ], f"{TOKENIZER_JSON} converted from {tokenizer.name} (transformers SpmConverter, BOS template)"
+
+
+def spm_to_tokenizers(path: Path) -> tuple[Any, dict[int, str]]:
+    """A `tokenizers.Tokenizer` that encodes like `SentencePieceProcessor.encode` with BOS prepended.
+
+    Uses transformers' `SpmConverter.build_tokenizer_from_spm_proto`, which follows the model's own
+    normalizer spec; unk/bos/eos are registered as special tokens so decoding can skip them."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, processors
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    if proto.trainer_spec.model_type == 2:  # BPE
+        vocab: Any = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    else:  # unigram
+        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    tok = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+    spec = proto.trainer_spec
+    ids = {"unk": spec.unk_id, "bos": spec.bos_id, "eos": spec.eos_id}
+    pieces = {i: proto.pieces[i].piece for i in ids.values() if 0 <= i < len(proto.pieces)}
+    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in sorted(pieces)])
+    if spec.bos_id in pieces:
+        bos = pieces[spec.bos_id]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)]
+        )
+    named = {name: pieces[i] for name, i in ids.items() if i in pieces}
+    return tok, named
+
+
+def _tokenizer_config(bundle_dir: Path, max_context: int, pieces: dict[str, str] | None) -> None:
+    pieces = pieces or {}
+    conf = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": pieces.get("bos", "<s>"),
+        "eos_token": pieces.get("eos", "</s>"),
+        "unk_token": pieces.get("unk", "<unk>"),
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "legacy": True,
+        "model_max_length": max_context,
+    }
+    (bundle_dir / TOKENIZER_CONFIG).write_text(json.dumps(conf, indent=2) + "\n")

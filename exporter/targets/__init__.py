@@ -10,12 +10,24 @@ import importlib
 import importlib.util
 
 from ..errors import UserError
-from .base import ExportedArtifact, RunnerMetadata, Target, TargetOptions, TargetRuntime
+from .base import (
+    ExportedArtifact,
+    GenerationRequest,
+    GenerationResult,
+    RunnerMetadata,
+    Target,
+    TargetOptions,
+    TargetRuntime,
+    TextSink,
+)
 
 __all__ = [
     "TARGET_NAMES",
     "ExportedArtifact",
+    "GenerationRequest",
+    "GenerationResult",
     "RunnerMetadata",
+    "TextSink",
     "Target",
     "TargetOptions",
     "TargetRuntime",

@@ -17,15 +17,17 @@ ExecuTorch's constant methods, Core ML's metadata and onnxruntime-genai's config
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
+from ..errors import UserError
 from ..export_model import ExportModel, ExportSettings
 from ..quantize import QuantizedModel, QuantMethod, QuantScheme
 
@@ -100,6 +102,85 @@ class ExportedArtifact:
     info: dict[str, Any] = field(default_factory=dict)  # quantization details, measured sizes, notes
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    chat: bool = False  # wrap the prompt in the tokenizer's chat template
+
+
+@dataclass
+class GenerationResult:
+    client: str  # the runtime's own generation stack that ran
+    text: str
+    token_ids: list[int] | None  # None where the client streams text only
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+
+
+TextSink = Callable[[str], None]
+
+
+def apply_chat_template(bundle_dir: Path, prompt: str) -> str:
+    """The prompt as one user turn of the bundle tokenizer's chat template (tokenizer_config.json)."""
+    path = Path(bundle_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    template = config.get("chat_template")
+    if not template:
+        raise UserError(f"{bundle_dir}: the tokenizer has no chat template; drop --chat")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # what transformers renders templates with
+
+    rendered = ImmutableSandboxedEnvironment().from_string(template)
+    return rendered.render(
+        messages=[{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        bos_token="",  # the runner adds BOS itself
+        eos_token=config.get("eos_token", ""),
+    )
+
+
+def sample_tokens(
+    runtime: "TargetRuntime",
+    prompt_ids: list[int],
+    request: GenerationRequest,
+    eos_ids: tuple[int, ...],
+    max_positions: int,
+    on_token: Callable[[int], None] = lambda token: None,
+) -> list[int]:
+    """The project's own generation loop over any TargetRuntime: greedy at temperature 0, else
+    temperature + top-p sampling from a seeded generator. Stops at EOS, `max_new_tokens` or the context."""
+    rng = np.random.default_rng(request.seed)
+    runtime.reset()
+    logits = runtime.forward_last(np.asarray(prompt_ids, dtype=np.int64), 0)[-1]
+    out: list[int] = []
+    position = len(prompt_ids)
+    while len(out) < request.max_new_tokens and position < max_positions:
+        token = _pick(logits, request, rng)
+        out.append(token)
+        on_token(token)
+        if token in eos_ids:
+            break
+        logits = runtime.forward_last(np.asarray([token], dtype=np.int64), position)[-1]
+        position += 1
+    return out
+
+
+def _pick(logits: np.ndarray, request: GenerationRequest, rng: np.random.Generator) -> int:
+    if request.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / request.temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = order[: int(np.searchsorted(np.cumsum(probs[order]), request.top_p) + 1)]
+    return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
+
+
 class TargetRuntime(ABC):
     """A loaded artifact, run position by position over its own KV cache."""
 
@@ -142,3 +223,9 @@ class Target(ABC):
 
     def speed_unmeasurable_reason(self) -> str | None:
         return None
+
+    def generate(
+        self, bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
+    ) -> GenerationResult:
+        """Run the bundle with the runtime's own generation client (the one apps use), streaming text."""
+        raise UserError(f"the {self.NAME} target has no generation client")

@@ -55,7 +55,18 @@ from ..errors import UserError
 from ..export_model import Attend, ExportModel, decode_stack, sdpa_attention
 from ..memory import StorageBreakdown, size_report
 from ..quantize import QuantizedModel, QuantizedWeight, QuantMethod, QuantScheme, WeightQuant
-from .base import ExportedArtifact, RunnerMetadata, Target, TargetOptions, TargetRuntime
+from .base import (
+    ExportedArtifact,
+    GenerationRequest,
+    GenerationResult,
+    RunnerMetadata,
+    Target,
+    TargetOptions,
+    TargetRuntime,
+    TextSink,
+    apply_chat_template,
+    sample_tokens,
+)
 from .coreml_eval import CoreMLEvaluator, UnsupportedOpError, read_spec
 
 NAME = "coreml"
@@ -594,6 +605,43 @@ def open_runtime(bundle_dir: Path, manifest: dict[str, Any], device: bool | None
         ) from None
 
 
+def generate(
+    bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
+) -> GenerationResult:
+    """MLModel + MLState (the Core ML runtime an iOS app uses), tokenized by the bundle's tokenizer.json."""
+    if not _device_available():
+        raise UserError(
+            f"Core ML bundles run only on macOS 15+ / iOS 18+ (MLModel + MLState) and this is {platform.system()}; "
+            "run `generate` on a Mac or the bundle in ios_demo/ (here, `mobilellm-export validate` checks its numbers)"
+        )
+    from tokenizers import Tokenizer  # pragma: no cover - macOS only below
+
+    tokenizer = Tokenizer.from_file(str(Path(bundle_dir) / "tokenizer.json"))  # pragma: no cover
+    prompt = apply_chat_template(bundle_dir, request.prompt) if request.chat else request.prompt  # pragma: no cover
+    ids = [int(manifest["bos_id"])] + tokenizer.encode(prompt, add_special_tokens=False).ids  # pragma: no cover
+    runtime = CoreMLDeviceRuntime(_package_path(bundle_dir, manifest))  # pragma: no cover
+    pieces: list[str] = []  # pragma: no cover
+
+    def emit(token: int) -> None:  # pragma: no cover
+        pieces.append(tokenizer.decode([token]))
+        on_text(pieces[-1])
+
+    start = time.perf_counter()  # pragma: no cover
+    out = sample_tokens(
+        runtime, ids, request, tuple(manifest["eos_ids"]), int(manifest["max_context"]), emit
+    )  # pragma: no cover
+    seconds = time.perf_counter() - start  # pragma: no cover
+    return GenerationResult(  # pragma: no cover
+        client="Core ML MLModel + MLState",
+        text="".join(pieces),
+        token_ids=out,
+        prompt_tokens=len(ids),
+        generated_tokens=len(out),
+        prefill_tokens_per_s=float("nan"),  # one clock for both phases here: see decode
+        decode_tokens_per_s=(len(ids) + len(out)) / seconds,
+    )
+
+
 class CoreMLTarget(Target):
     """Core ML .mlpackage: the module's functions behind the `Target` interface."""
 
@@ -617,6 +665,11 @@ class CoreMLTarget(Target):
 
     def speed_unmeasurable_reason(self) -> str | None:
         return speed_unmeasurable_reason()
+
+    def generate(
+        self, bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
+    ) -> GenerationResult:
+        return generate(bundle_dir, manifest, request, on_text)
 
 
 TARGET = CoreMLTarget()

@@ -43,7 +43,17 @@ from ..errors import UserError
 from ..export_model import Attend, ExportModel, decode_stack
 from ..memory import StorageBreakdown, norm_bytes, quantized_storage, rope_table_bytes, size_report
 from ..quantize import QuantizedModel, QuantizedWeight, QuantScheme, WeightQuant, nbytes
-from .base import ExportedArtifact, RunnerMetadata, Target, TargetOptions, TargetRuntime
+from .base import (
+    ExportedArtifact,
+    GenerationRequest,
+    GenerationResult,
+    RunnerMetadata,
+    Target,
+    TargetOptions,
+    TargetRuntime,
+    TextSink,
+    apply_chat_template,
+)
 
 NAME = "executorch"
 PTE_NAME = "model.pte"
@@ -497,6 +507,29 @@ def _native_stderr() -> Iterator[_CapturedStderr]:
         os.close(saved_fd)
 
 
+@contextlib.contextmanager
+def _runner_output_silenced() -> Iterator[None]:
+    """The stock runner prints every token, its stats and its logs on fds 1 and 2; keep the process's
+    own `sys.stdout` (the caller's stream of pieces) on the real stdout while both fds are muted."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err, saved_stream = os.dup(1), os.dup(2), sys.stdout
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(saved_out), "wb"), write_through=True)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout.close()
+        sys.stdout = saved_stream
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        for fd in (saved_out, saved_err, devnull):
+            os.close(fd)
+
+
 class ExecuTorchRuntime(TargetRuntime):
     """`model.pte` through `executorch.runtime`; `reset()` loads a fresh method (fresh KV buffers)."""
 
@@ -559,6 +592,7 @@ def generate_with_runner(
     temperature: float = 0.0,
     bos: bool = True,
     on_piece: Callable[[str], None] | None = None,
+    on_stats: Callable[[Any], None] | None = None,
 ) -> str:
     """Generate with ExecuTorch's stock C++ TextLLMRunner (the runner the phone apps use) from the
     bundle's model.pte and a tokenizer; greedy at temperature 0. `bos` prepends the BOS token (the
@@ -570,7 +604,9 @@ def generate_with_runner(
     pte = Path(bundle_dir) / PTE_NAME
     if not pte.is_file():
         raise UserError(f"{pte}: ExecuTorch program not found")
-    runner = TextLLMRunner(str(pte), str(tokenizer_path))
+    # The C++ tokenizer loader tries each format in turn and logs every miss on fd 2.
+    with _native_stderr():
+        runner = TextLLMRunner(str(pte), str(tokenizer_path))
     pieces: list[str] = []
 
     def collect(piece: str) -> None:
@@ -581,8 +617,52 @@ def generate_with_runner(
     config = GenerationConfig(
         echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=1 if bos else 0
     )
-    runner.generate(prompt, config, token_callback=collect)
+    runner.generate(prompt, config, token_callback=collect, stats_callback=on_stats)
     return "".join(pieces)
+
+
+def generate(
+    bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
+) -> GenerationResult:
+    """TextLLMRunner over the bundle: the C++ runner behind Android's LlmModule and the iOS runner."""
+    if request.top_p < 1.0:
+        raise UserError("ExecuTorch's TextLLMRunner samples with --temperature only; drop --top-p")
+    if request.seed is not None and request.temperature > 0:
+        raise UserError("ExecuTorch's TextLLMRunner does not take a seed; drop --seed (or use --temperature 0)")
+    bundle_dir = Path(bundle_dir)
+    tokenizer = bundle_dir / str(manifest.get("tokenizer") or "tokenizer.model")
+    prompt = apply_chat_template(bundle_dir, request.prompt) if request.chat else request.prompt
+    stats: list[Any] = []
+    pieces: list[str] = []
+
+    def forward_piece(piece: str) -> None:
+        pieces.append(piece)
+        on_text(piece)
+
+    with _runner_output_silenced():
+        text = generate_with_runner(
+            bundle_dir,
+            tokenizer,
+            prompt,
+            request.max_new_tokens,
+            request.temperature,
+            True,
+            forward_piece,
+            stats.append,
+        )
+    run = stats[-1]
+    prefill_ms = max(run.prompt_eval_end_ms - run.inference_start_ms, 1)
+    decode_ms = max(run.inference_end_ms - run.prompt_eval_end_ms, 1)
+    return GenerationResult(
+        client="executorch TextLLMRunner",
+        text=text,
+        token_ids=None,
+        prompt_tokens=run.num_prompt_tokens,
+        generated_tokens=len(pieces),
+        prefill_tokens_per_s=1000 * run.num_prompt_tokens / prefill_ms,
+        # the first token comes out of the prefill; the decode phase produced the rest
+        decode_tokens_per_s=1000 * max(len(pieces) - 1, 0) / decode_ms,
+    )
 
 
 class ExecuTorchTarget(Target):
@@ -605,6 +685,11 @@ class ExecuTorchTarget(Target):
 
     def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime:
         return open_runtime(bundle_dir, manifest)
+
+    def generate(
+        self, bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
+    ) -> GenerationResult:
+        return generate(bundle_dir, manifest, request, on_text)
 
 
 TARGET = ExecuTorchTarget()

@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +53,17 @@ from ..export_model import ExportModel
 from ..memory import StorageBreakdown, size_report
 from ..model import rope_tables
 from ..quantize import QuantizedModel, QuantizedWeight, QuantMethod, QuantScheme, WeightQuant
-from .base import ExportedArtifact, RunnerMetadata, Target, TargetOptions, TargetRuntime
+from ..tokenizer import write_tokenizer_json
+from .base import (
+    ExportedArtifact,
+    GenerationRequest,
+    GenerationResult,
+    RunnerMetadata,
+    Target,
+    TargetOptions,
+    TargetRuntime,
+    TextSink,
+)
 
 NAME = "onnx"
 MODEL_FILE = "model.onnx"
@@ -850,74 +860,10 @@ def _write_genai_config(bundle_dir: Path, runner: RunnerMetadata, graph: GraphOp
 
 
 def _write_tokenizer(bundle_dir: Path, tokenizer: Path | None, cfg: Any) -> tuple[list[str], str]:
-    """tokenizer.json + tokenizer_config.json (what onnxruntime-genai reads) from the SentencePiece model."""
+    """tokenizer.json + tokenizer_config.json (what onnxruntime-genai reads) beside the model."""
     if tokenizer is None:
         return [], "no tokenizer in the checkpoint: onnxruntime-genai needs tokenizer.json next to the model"
-    tokenizer = Path(tokenizer)
-    if tokenizer.suffix == ".json":
-        shutil.copy(tokenizer, bundle_dir / "tokenizer.json")
-        _tokenizer_config(bundle_dir, cfg, None)
-        return ["tokenizer.json", "tokenizer_config.json"], f"copied {tokenizer.name}"
-    try:
-        tok, pieces = spm_to_tokenizers(tokenizer)
-    except ImportError as exc:  # transformers/tokenizers are optional at export time
-        return [], f"tokenizer.json not written ({exc}); install transformers to convert {tokenizer.name}"
-    except Exception as exc:
-        return (
-            [],
-            f"tokenizer.json not written: converting {tokenizer.name} failed ({type(exc).__name__}: {str(exc)[:200]})",
-        )
-    tok.save(str(bundle_dir / "tokenizer.json"))
-    _tokenizer_config(bundle_dir, cfg, pieces)
-    return [
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ], f"tokenizer.json converted from {tokenizer.name} (transformers SpmConverter, BOS template)"
-
-
-def spm_to_tokenizers(path: Path) -> tuple[Any, dict[int, str]]:
-    """A `tokenizers.Tokenizer` that encodes like `SentencePieceProcessor.encode` with BOS prepended.
-
-    Uses transformers' `SpmConverter.build_tokenizer_from_spm_proto`, which follows the model's own
-    normalizer spec; unk/bos/eos are registered as special tokens so decoding can skip them."""
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, processors
-    from transformers.convert_slow_tokenizer import SpmConverter
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(path).read_bytes())
-    if proto.trainer_spec.model_type == 2:  # BPE
-        vocab: Any = {piece.piece: i for i, piece in enumerate(proto.pieces)}
-    else:  # unigram
-        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
-    tok = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
-    spec = proto.trainer_spec
-    ids = {"unk": spec.unk_id, "bos": spec.bos_id, "eos": spec.eos_id}
-    pieces = {i: proto.pieces[i].piece for i in ids.values() if 0 <= i < len(proto.pieces)}
-    tok.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in sorted(pieces)])
-    if spec.bos_id in pieces:
-        bos = pieces[spec.bos_id]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)]
-        )
-    named = {name: pieces[i] for name, i in ids.items() if i in pieces}
-    return tok, named
-
-
-def _tokenizer_config(bundle_dir: Path, cfg: Any, pieces: dict[str, str] | None) -> None:
-    pieces = pieces or {}
-    conf = {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": pieces.get("bos", "<s>"),
-        "eos_token": pieces.get("eos", "</s>"),
-        "unk_token": pieces.get("unk", "<unk>"),
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "legacy": True,
-        "model_max_length": cfg.max_context,
-    }
-    (bundle_dir / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    return write_tokenizer_json(bundle_dir, Path(tokenizer), cfg.max_context)
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -990,6 +936,70 @@ def open_runtime(bundle_dir: Path, manifest: dict[str, Any] | None = None, threa
     return OnnxRuntime(path, threads)
 
 
+def generate(bundle_dir: Path, request: GenerationRequest, on_text: TextSink) -> GenerationResult:
+    """onnxruntime-genai's Generator over the bundle (genai_config.json, tokenizer.json): the client apps use."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise UserError("generate on an ONNX bundle needs onnxruntime-genai: pip install onnxruntime-genai") from None
+    try:
+        model = og.Model(str(bundle_dir))
+        tokenizer = og.Tokenizer(model)
+    except Exception as exc:  # noqa: BLE001 - a bundle genai cannot load is bad input
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(f"{bundle_dir}: onnxruntime-genai cannot load the bundle ({first})") from None
+    # genai's tokenizer adds no special tokens unless told; MobileLLM is trained with BOS first (apps set
+    # the same option, see the README).
+    tokenizer.update_options(add_special_tokens="true")
+    text = request.prompt
+    if request.chat:
+        config = json.loads((Path(bundle_dir) / "tokenizer_config.json").read_text())
+        if not config.get("chat_template"):
+            raise UserError(f"{bundle_dir}: the tokenizer has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template(
+            json.dumps([{"role": "user", "content": request.prompt}]), add_generation_prompt=True
+        )
+    ids = [int(i) for i in tokenizer.encode(text)]
+    params = og.GeneratorParams(model)
+    options: dict[str, Any] = {"max_length": min(len(ids) + request.max_new_tokens, _context_length(bundle_dir))}
+    if request.temperature > 0:
+        options.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
+        if request.seed is not None:
+            options["random_seed"] = request.seed
+    else:
+        options["do_sample"] = False
+    params.set_search_options(**options)
+    generator = og.Generator(model, params)
+    stream = tokenizer.create_stream()
+    start = time.perf_counter()
+    generator.append_tokens(ids)
+    prefill_s = time.perf_counter() - start
+    out: list[int] = []
+    pieces: list[str] = []
+    start = time.perf_counter()
+    while not generator.is_done() and len(out) < request.max_new_tokens:
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        out.append(token)
+        piece = stream.decode(token)
+        pieces.append(piece)
+        on_text(piece)
+    decode_s = time.perf_counter() - start
+    return GenerationResult(
+        client=f"onnxruntime-genai {og.__version__} Generator",
+        text="".join(pieces),
+        token_ids=out,
+        prompt_tokens=len(ids),
+        generated_tokens=len(out),
+        prefill_tokens_per_s=len(ids) / prefill_s if prefill_s > 0 else float("inf"),
+        decode_tokens_per_s=len(out) / decode_s if decode_s > 0 and out else 0.0,
+    )
+
+
+def _context_length(bundle_dir: Path) -> int:
+    return int(json.loads((Path(bundle_dir) / "genai_config.json").read_text())["model"]["context_length"])
+
+
 class OnnxTarget(Target):
     """ONNX for onnxruntime / onnxruntime-genai: the module's functions behind the `Target` interface."""
 
@@ -1010,6 +1020,11 @@ class OnnxTarget(Target):
 
     def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime:
         return open_runtime(bundle_dir, manifest)
+
+    def generate(
+        self, bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
+    ) -> GenerationResult:
+        return generate(bundle_dir, request, on_text)
 
 
 TARGET = OnnxTarget()
