@@ -614,24 +614,22 @@ def generate(
             f"Core ML bundles run only on macOS 15+ / iOS 18+ (MLModel + MLState) and this is {platform.system()}; "
             "run `generate` on a Mac or the bundle in ios_demo/ (here, `mobilellm-export validate` checks its numbers)"
         )
-    from tokenizers import Tokenizer  # pragma: no cover - macOS only below
+    from tokenizers import Tokenizer  # macOS only from here
 
-    tokenizer = Tokenizer.from_file(str(Path(bundle_dir) / "tokenizer.json"))  # pragma: no cover
-    prompt = apply_chat_template(bundle_dir, request.prompt) if request.chat else request.prompt  # pragma: no cover
-    ids = [int(manifest["bos_id"])] + tokenizer.encode(prompt, add_special_tokens=False).ids  # pragma: no cover
-    runtime = CoreMLDeviceRuntime(_package_path(bundle_dir, manifest))  # pragma: no cover
-    pieces: list[str] = []  # pragma: no cover
+    tokenizer = Tokenizer.from_file(str(Path(bundle_dir) / "tokenizer.json"))
+    prompt = apply_chat_template(bundle_dir, request.prompt) if request.chat else request.prompt
+    ids = [int(manifest["bos_id"])] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    runtime = CoreMLDeviceRuntime(_package_path(bundle_dir, manifest))
+    pieces: list[str] = []
 
-    def emit(token: int) -> None:  # pragma: no cover
+    def emit(token: int) -> None:
         pieces.append(tokenizer.decode([token]))
         on_text(pieces[-1])
 
-    start = time.perf_counter()  # pragma: no cover
-    out = sample_tokens(
-        runtime, ids, request, tuple(manifest["eos_ids"]), int(manifest["max_context"]), emit
-    )  # pragma: no cover
-    seconds = time.perf_counter() - start  # pragma: no cover
-    return GenerationResult(  # pragma: no cover
+    start = time.perf_counter()
+    out = sample_tokens(runtime, ids, request, tuple(manifest["eos_ids"]), int(manifest["max_context"]), emit)
+    seconds = time.perf_counter() - start
+    return GenerationResult(
         client="Core ML MLModel + MLState",
         text="".join(pieces),
         token_ids=out,
