@@ -119,6 +119,9 @@ def test_concurrent_export_of_one_name_fails_fast(
     tiny_ckpt: Path, good_dist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dist = copy_dist(good_dist, tmp_path)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "notes.txt").write_text("keep me")
+    before = snapshot(tmp_path / "outside"), snapshot(tiny_ckpt)
     proc = start_export(tiny_ckpt, dist)
     lock = dist / f".{NAME}.lock"
     try:
@@ -128,6 +131,7 @@ def test_concurrent_export_of_one_name_fails_fast(
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
     assert code == 2 and err.count("\n") == 1, err
     assert f"another export (pid {proc.pid}) is writing this bundle now (it holds .{NAME}.lock)" in err, err
+    assert (snapshot(tmp_path / "outside"), snapshot(tiny_ckpt)) == before
     # The first export finished undisturbed: a complete bundle, no temp folder left.
     code, _, err = run_cli(["validate", str(dist / NAME), "--report-dir", str(tmp_path / "reports")], capsys)
     assert code == 0, err
