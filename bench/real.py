@@ -141,6 +141,7 @@ def export_row(
             run_export(options)
         except ParityError as exc:
             parity_error = str(exc)
+            bundle = bundle.with_name(bundle.name + ".failed")  # a failed bundle never replaces the last good one
     seconds = None if reused else round(time.time() - t0, 1)
     manifest = read_manifest(bundle)
     parity = manifest["parity"] or {}

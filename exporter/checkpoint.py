@@ -16,9 +16,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .bundle import printable
 from .config import SHARING_STRATEGIES, ModelConfig, preset
-from .errors import UserError
-from .model import MobileLLM
+from .errors import UserError, first_line, loading
+from .model import MobileLLM, rope_tables
 
 CheckpointFormat = Literal["hf-safetensors", "hf-bin", "training", "pt"]
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -71,25 +72,57 @@ def config_from_hf(raw: dict[str, Any], where: Path) -> ModelConfig:
     share_embedding = raw.get("share_embedding", raw.get("tie_word_embeddings", True))
     if not isinstance(share_embedding, bool):
         raise UserError(f"{where}: share_embedding must be true or false, got {share_embedding!r}")
-    return ModelConfig(
-        dim=raw["hidden_size"],
-        n_layers=raw["num_hidden_layers"],
-        n_heads=raw["num_attention_heads"],
-        n_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
-        ffn_dim=raw["intermediate_size"],
-        vocab_size=raw["vocab_size"],
-        norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
-        max_context=raw.get("max_position_embeddings", 2048),
-        share_embedding=share_embedding,
-        sharing=sharing,  # type: ignore[arg-type]
-        bos_id=int(raw.get("bos_token_id", 1) or 1),
-        eos_id=_first_eos(raw.get("eos_token_id", 2)),
-    )
+    try:  # ModelConfig bounds every value before anything is allocated; name the file on failure
+        return ModelConfig(
+            dim=raw["hidden_size"],
+            n_layers=raw["num_hidden_layers"],
+            n_heads=raw["num_attention_heads"],
+            n_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+            ffn_dim=raw["intermediate_size"],
+            vocab_size=raw["vocab_size"],
+            norm_eps=_number(raw, "rms_norm_eps", 1e-5, where),
+            rope_theta=_number(raw, "rope_theta", 10000.0, where),
+            max_context=raw.get("max_position_embeddings", 2048),
+            share_embedding=share_embedding,
+            sharing=sharing,  # type: ignore[arg-type]
+            # bos: null or 0 reads as 1, eos: null as 2, as this tool has always read them
+            bos_id=_token_id(raw.get("bos_token_id") or None, 1, "bos_token_id", where),
+            eos_id=_token_id(raw.get("eos_token_id"), 2, "eos_token_id", where),
+        )
+    except UserError as exc:  # name the file and the key as config.json spells it
+        field, _, rest = str(exc).removeprefix("config: ").partition(" ")
+        raise UserError(f"{where}: {_HF_KEYS.get(field, field)} {rest}") from None
 
 
-def _first_eos(value: Any) -> int:
-    return int(value[0]) if isinstance(value, list) and value else int(value if value is not None else 2)
+_HF_KEYS = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "ffn_dim": "intermediate_size",
+    "max_context": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "bos_id": "bos_token_id",
+    "eos_id": "eos_token_id",
+}
+
+
+def _number(raw: dict[str, Any], key: str, default: float, where: Path) -> float:
+    value = raw.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise UserError(f"{where}: {key} must be a number, got {printable(repr(value), 60)}")
+    return float(value)
+
+
+def _token_id(value: Any, default: int, key: str, where: Path) -> int:
+    """A token id (the first of a list, as Hugging Face allows for eos); null means the default."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{where}: {key} must be an integer token id, got {printable(repr(value), 60)}")
+    return value
 
 
 def config_to_hf(cfg: ModelConfig, model_type: str = "mobilellm", dtype: str = "float16") -> dict[str, Any]:
@@ -121,11 +154,18 @@ def config_to_hf(cfg: ModelConfig, model_type: str = "mobilellm", dtype: str = "
     return out
 
 
+_MAX_JSON_BYTES = 64 << 20  # a config.json or a shard index; far above any real one
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        raw = json.loads(path.read_text())
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size} bytes, too large for a config or index file")
+        raw = json.loads(path.read_bytes())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno}); fix or re-download the file") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise UserError(f"{path}: invalid JSON ({type(exc).__name__}); fix or re-download the file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     if not isinstance(raw, dict):
@@ -141,7 +181,9 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{path}: corrupt or truncated safetensors file ({exc}); re-download or re-save it") from None
+        raise UserError(
+            f"{path}: corrupt or truncated safetensors file ({first_line(exc)}); re-download or re-save it"
+        ) from None
 
 
 def _load_pickle(path: Path) -> dict[str, Tensor]:
@@ -154,8 +196,9 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
             "convert it to safetensors with code you trust"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: corrupt or truncated checkpoint ({msg}); re-download or re-save it") from None
+        raise UserError(
+            f"{path}: corrupt or truncated checkpoint ({first_line(exc)}); re-download or re-save it"
+        ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -167,7 +210,8 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
 def _load_tensor_file(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise UserError(f"{path}: weight file is missing")
-    return _load_safetensors(path) if path.suffix == ".safetensors" else _load_pickle(path)
+    with loading(path, "checkpoint weights", "re-download or re-save it"):
+        return _load_safetensors(path) if path.suffix == ".safetensors" else _load_pickle(path)
 
 
 def _load_sharded(index_path: Path) -> dict[str, Tensor]:
@@ -175,8 +219,14 @@ def _load_sharded(index_path: Path) -> dict[str, Tensor]:
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise UserError(f"{index_path}: no 'weight_map' object in the index")
+    shards = set(weight_map.values())
+    for shard in shards:  # shard names from elsewhere: plain file names beside the index, nothing else
+        if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise UserError(
+                f"{index_path}: weight_map names shard {printable(repr(shard), 80)}; shards are files beside the index"
+            )
     tensors: dict[str, Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard in sorted(shards):
         tensors.update(_load_tensor_file(index_path.parent / shard))
     absent = sorted(k for k in weight_map if k not in tensors)
     if absent:
@@ -416,13 +466,30 @@ def load_checkpoint(
         fold = fold_shared_blocks(cfg, tensors)
         if fold is not None:
             cfg, tensors, detected = fold
-    model = MobileLLM(cfg)
-    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-    model.eval().requires_grad_(False)
+    model = _build(cfg, tensors)
     tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(tok_dir)
     if tok is not None and not tok.is_file():
         raise UserError(f"{tok}: tokenizer file not found")
     return Checkpoint(cfg, model, tok, src, fmt, source_dtype, detected)
+
+
+def _build(cfg: ModelConfig, tensors: dict[str, Tensor]) -> MobileLLM:
+    """The fp32 model holding `tensors` (already checked against `cfg`): built on the meta device and
+    loaded with assign, so no second set of weights is allocated (fp32 tensors are used as they are;
+    others are converted one at a time, their source dropped as it goes)."""
+
+    with torch.device("meta"):
+        model = MobileLLM(cfg)
+    state = {}
+    for key in list(tensors):
+        state[key] = tensors.pop(key).float().contiguous()
+    model.load_state_dict(state, strict=True, assign=True)
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_context, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos, sin  # the non-persistent buffers, computed (not loaded)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left on the meta device after loading: {leftover[:3]}")
+    return model.eval().requires_grad_(False)
 
 
 def save_checkpoint(

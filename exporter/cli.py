@@ -212,7 +212,9 @@ def validate(
         None, "--threshold", help="Override a threshold, e.g. twin.top1_agreement=0.995 (repeatable)."
     ),
     report_dir: Optional[Path] = typer.Option(
-        None, "--report-dir", help="Where parity.json/.md/.junit.xml go (default: the bundle)."
+        None,
+        "--report-dir",
+        help="Where parity.json/.md/.junit.xml go (default: the bundle; refused if it is read-only).",
     ),
 ) -> None:
     """Re-run the parity check on a bundle; exit 0 pass, 1 parity failed, 2 bad input."""
@@ -298,16 +300,24 @@ def _quiet_library_logs() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
 
 
+def _one_line(text: str) -> str:
+    """A message as one line with control characters escaped: a name from a bundle or a checkpoint
+    must not be able to repaint the terminal (an escape code turning FAIL into PASS)."""
+    from .bundle import printable
+
+    return printable(text, limit=2000)
+
+
 def main() -> None:
     """Console entry point: maps errors to one line and an exit code (usage errors exit 2 via Typer)."""
     _quiet_library_logs()
     try:
         app()
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(str(exc))}", err=True)
         sys.exit(2)
     except ParityError as exc:
-        typer.echo(f"parity failed: {exc}", err=True)
+        typer.echo(f"parity failed: {_one_line(str(exc))}", err=True)
         sys.exit(1)
     except Exception as exc:  # anything else is a bug in this tool, not the user's mistake
         traceback.print_exc()

@@ -12,6 +12,18 @@ SharingStrategy = Literal["none", "immediate", "repeat_all", "reverse"]
 SHARING_STRATEGIES: tuple[str, ...] = ("none", "immediate", "repeat_all", "reverse")
 
 
+# Upper bounds of every size a config may hold (checked in ModelConfig, before any allocation).
+LIMITS: dict[str, int] = {
+    "dim": 1 << 15,
+    "n_layers": 1 << 10,
+    "n_heads": 1 << 10,
+    "n_kv_heads": 1 << 10,
+    "ffn_dim": 1 << 17,
+    "vocab_size": 1 << 20,
+    "max_context": 1 << 17,  # RoPE tables of at most 2 x 131072 x head_dim floats
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int
@@ -33,14 +45,37 @@ class ModelConfig:
             raise UserError(
                 f"unknown layer-sharing strategy {self.sharing!r}; use one of {', '.join(SHARING_STRATEGIES)}"
             )
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_context"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"config: {name} must be positive, got {getattr(self, name)}")
+        # Checked before anything is allocated: a config from elsewhere must not ask for a 256 GB RoPE
+        # table (max_context 1e9) or a billion-layer loop. The bounds are far above any MobileLLM.
+        for name, top in LIMITS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"config: {name} must be an integer, got {value!r}")
+            if value <= 0:
+                raise UserError(f"config: {name} must be positive, got {value}")
+            if value > top:
+                raise UserError(f"config: {name} is {value}, more than this tool supports ({top})")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, float) or not (0 < value < float("inf")):
+                raise UserError(f"config: {name} must be a positive finite number, got {value!r}")
+        if self.norm_eps >= 1:
+            raise UserError(f"config: norm_eps must be below 1, got {self.norm_eps}")
+        for name in ("bos_id", "eos_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                raise UserError(f"config: {name} must be a token id in 0..{self.vocab_size - 1}, got {value!r}")
+        if not isinstance(self.share_embedding, bool):
+            raise UserError(f"config: share_embedding must be true or false, got {self.share_embedding!r}")
         if self.dim % self.n_heads:
             raise UserError(f"config: hidden size {self.dim} is not divisible by {self.n_heads} attention heads")
         if self.n_heads % self.n_kv_heads:
             raise UserError(
                 f"config: {self.n_heads} attention heads are not a multiple of {self.n_kv_heads} key/value heads"
+            )
+        if self.head_dim % 2:
+            raise UserError(
+                f"config: head size {self.head_dim} (hidden size / heads) must be even for rotary embeddings"
             )
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import sys
@@ -9,24 +10,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mobilellm.validation.parity import GOLDEN_FILE, ReferenceRuntime, compute_golden, resolve_thresholds, run_parity
 from mobilellm.validation.reports import report_dict, write_reports
 from mobilellm.validation.sequences import TorchRuntime
 
 from .assets import DEFAULT_MODEL_DIR, heldout_text
+from .atomic import OutputLock, install, recover, staging
 from .bundle import (
     MANIFEST,
     MANIFEST_SCHEMA_VERSION,
     artifact_bytes,
     file_entries,
     manifest_schema_problem,
-    staged_dir,
     tool_versions,
     write_json,
 )
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ParityError, UserError
-from .export_model import ExportModel
+from .export_model import ExportModel, ExportSettings
 from .memory import human
 from .quantize import (
     QuantizedModel,
@@ -48,8 +51,23 @@ def bundle_name(options: ExportOptions, ckpt: Checkpoint, target: str) -> str:
     base = options.name or (
         "default" if options.checkpoint is None else (ckpt.source.stem if ckpt.source.is_file() else ckpt.source.name)
     )
-    base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "model"
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).lstrip("._-").rstrip("-")[:96] or "model"
     return f"{base}-{target}-{options.quant.bits}bit"
+
+
+def failed_path(final: Path) -> Path:
+    """Where a bundle that failed parity goes: beside the last good one, which it never replaces."""
+    return final.with_name(final.name + ".failed")
+
+
+def check_replaceable(final: Path) -> None:
+    """`final` may be replaced only if it is a bundle (a folder with a manifest.json): an export
+    never replaces a file or a folder of the user's that happens to have the bundle's name."""
+    if final.is_symlink() or (final.exists() and not (final.is_dir() and (final / MANIFEST).is_file())):
+        raise UserError(
+            f"{final}: exists and is not a bundle (no {MANIFEST}); an export replaces only a bundle it wrote. "
+            "Move it away, or pass another --output or --name"
+        )
 
 
 def check_group_size(ckpt: Checkpoint, opts: TargetOptions) -> None:
@@ -148,10 +166,33 @@ def run_export(options: ExportOptions) -> list[Path]:
     opts = options.quant
     settings = opts.export_settings()
     check_group_size(ckpt, opts)
-    ExportModel(ckpt.config, settings)  # validates --max-seq-len before any target work
+    with torch.device("meta"):  # validates --max-seq-len before any target work, allocating nothing
+        ExportModel(ckpt.config, settings)
     tokens = parity_tokens(
         load_tokenizer(ckpt.tokenizer_path), heldout_text(), 512, ckpt.config.vocab_size, ckpt.config.bos_id
     )
+    # One lock per output name, taken before any work: a second export of the same name fails now.
+    with contextlib.ExitStack() as locks:
+        for module in modules:
+            final = options.output / bundle_name(options, ckpt, module.NAME)
+            locks.enter_context(OutputLock(final))  # covers NAME and NAME.failed
+            for path in (final, failed_path(final)):
+                done = recover(path)
+                if done:
+                    log(done)
+                check_replaceable(path)
+        return _export_all(options, modules, ckpt, opts, settings, thresholds, tokens)
+
+
+def _export_all(
+    options: ExportOptions,
+    modules: list[Target],
+    ckpt: Checkpoint,
+    opts: TargetOptions,
+    settings: ExportSettings,
+    thresholds: dict[str, float],
+    tokens: Any,
+) -> list[Path]:
     reference = ReferenceRuntime(ckpt.model)
     calibration = calibration_windows(ckpt, opts.method, opts.max_seq_len)
     # The fp32 export model's layer inputs are the same for every target: collected once.
@@ -164,7 +205,7 @@ def run_export(options: ExportOptions) -> list[Path]:
         final = options.output / name
         t0 = time.time()
         log(f"[{module.NAME}] exporting {ckpt.source.name} at {opts.bits} bits ...")
-        with staged_dir(final) as tmp:
+        with staging(final) as tmp:
             model = ExportModel.from_reference(ckpt.model, settings)
             quantized = quantize(model, module.quant_scheme(opts), hessians, opts.method.act_order, module.NAME)
             artifact = module.export(model, quantized, ckpt, opts, tmp)
@@ -217,6 +258,14 @@ def run_export(options: ExportOptions) -> list[Path]:
             problem = manifest_schema_problem(manifest)
             if problem:  # our own output breaking our schema is a bug: fail before the bundle lands
                 raise RuntimeError(f"{name}/{MANIFEST} does not match exporter/schemas/manifest.schema.json: {problem}")
+            passed = parity_summary is None or parity_summary["passed"]
+            # A bundle that failed parity lands beside the last good one (NAME.failed), never over it; a
+            # good one replaces NAME and retires an outdated NAME.failed.
+            install(tmp, final if passed else failed_path(final))
+            if passed and failed_path(final).exists():
+                shutil.rmtree(failed_path(final))
+        if not passed:
+            final = failed_path(final)
         written.append(final)
         size = artifact_bytes(files, artifact.files[0])
         status = "skipped" if parity_summary is None else ("PASS" if parity_summary["passed"] else "FAIL")
@@ -232,5 +281,7 @@ def run_export(options: ExportOptions) -> list[Path]:
         if parity_summary and not parity_summary["passed"]:
             failed.append(f"{module.NAME}: " + "; ".join(parity_summary["failures"][:3]))
     if failed:
-        raise ParityError(" | ".join(failed) + " (see parity.md in the bundle)")
+        raise ParityError(
+            " | ".join(failed) + " (see parity.md in the NAME.failed bundle; the previous good bundle, if any, is kept)"
+        )
     return written

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .assets import DEFAULT_MODEL_DIR
-from .bundle import staged_dir
+from .atomic import install_new, staging
 from .checkpoint import save_checkpoint
 from .config import preset
 from .errors import UserError
@@ -23,6 +23,14 @@ def write_random_checkpoint(
 ) -> Path:
     if dtype not in _DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    output = Path(output)
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise UserError(f"{output}: exists and is not a folder; random-checkpoint writes a new folder")
+    if output.is_dir() and any(output.iterdir()):
+        raise UserError(
+            f"{output}: the folder is not empty; random-checkpoint writes a new folder and never replaces one "
+            "(pass a new or empty folder)"
+        )
     cfg = preset(preset_name)
     if layers is not None:
         cfg = cfg.replace(n_layers=layers)
@@ -35,8 +43,9 @@ def write_random_checkpoint(
     # The Llama-2 vocabulary is not ours to ship; a 32000-entry model gets the default tokenizer,
     # whose ids are a subset of its range, so runners and parity text still work.
     tokenizer = DEFAULT_MODEL_DIR / "tokenizer.model"
-    with staged_dir(Path(output)) as tmp:
+    with staging(output) as tmp:
         save_checkpoint(
             model, tmp, "hf-safetensors", _DTYPES[dtype], tokenizer=tokenizer if tokenizer.is_file() else None
         )
-    return Path(output)
+        install_new(tmp, output)  # an empty folder is replaced; one that filled up meanwhile is not
+    return output

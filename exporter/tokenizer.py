@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, loading
 
 
 class Tokenizer(Protocol):
@@ -38,13 +38,13 @@ class _HFTokenizerJson:
 
 
 def load_tokenizer(path: Path | None) -> Tokenizer | None:
-    """The checkpoint's tokenizer, or None when there is none or it cannot be read."""
+    """The checkpoint's tokenizer, or None when there is none. One that cannot be read (truncated,
+    corrupt) is a UserError naming the file: parity on pseudo-text would hide it and pass."""
+
     if path is None:
         return None
-    try:
+    with loading(path, "tokenizer", "re-download it or pass --tokenizer PATH"):
         return _SentencePiece(path) if path.suffix == ".model" else _HFTokenizerJson(path)
-    except Exception:  # an unreadable tokenizer only costs us real text in the parity inputs
-        return None
 
 
 def parity_tokens(tokenizer: Tokenizer | None, text: str, count: int, vocab_size: int, bos_id: int) -> np.ndarray:

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mobilellm.validation.parity import (
     GOLDEN_FILE,
     Golden,
@@ -19,12 +21,13 @@ from mobilellm.validation.reports import report_dict, write_reports
 from mobilellm.validation.sequences import TorchRuntime
 
 from .assets import heldout_text
-from .bundle import integrity_problems, read_manifest
+from .atomic import check_writable
+from .bundle import open_bundle
 from .checkpoint import load_checkpoint
-from .errors import UserError
+from .errors import UserError, loading
 from .export_model import ExportModel
 from .quantize import QuantMethod, calibration_windows, fake_quantized_twin, quantize_model
-from .targets import TargetOptions, load_target
+from .targets import TargetOptions, TargetRuntime, load_target
 from .tokenizer import load_tokenizer, parity_tokens
 
 
@@ -58,10 +61,38 @@ def golden_from_checkpoint(checkpoint: Path, manifest: dict[str, Any], config: s
         model, quantize_model(model, module.quant_scheme(opts), calibration or None, opts.method.act_order)
     )
     cfg = ckpt.config
+    if cfg.vocab_size != manifest["vocab_size"]:
+        raise UserError(
+            f"{checkpoint}: vocabulary of {cfg.vocab_size}, the bundle's model has {manifest['vocab_size']}; "
+            "pass the checkpoint this bundle was exported from"
+        )
     tokens = parity_tokens(load_tokenizer(ckpt.tokenizer_path), heldout_text(), 512, cfg.vocab_size, cfg.bos_id)
     return compute_golden(
         {"reference": ReferenceRuntime(ckpt.model), "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len
     )
+
+
+class CheckedRuntime(TargetRuntime):
+    """An artifact's runtime that is fed only ids inside the vocabulary (a native runtime may abort on
+    others) and must answer with one row of `vocab` logits per token."""
+
+    def __init__(self, runtime: TargetRuntime, vocab: int, where: Path) -> None:
+        self.runtime, self.vocab, self.where = runtime, vocab, where
+
+    def reset(self) -> None:
+        self.runtime.reset()
+
+    def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab):
+            raise UserError(f"{self.where}: token id {int(tokens.max())} is outside the vocabulary of {self.vocab}")
+        logits = self.runtime.forward(tokens, start)
+        if logits.shape != (len(tokens), self.vocab):
+            raise UserError(
+                f"{self.where}: the artifact answers logits of shape {tuple(logits.shape)}, the manifest implies "
+                f"{(len(tokens), self.vocab)}; re-export the bundle"
+            )
+        return logits
 
 
 def validate_bundle(
@@ -71,22 +102,30 @@ def validate_bundle(
     report_dir: Path | None = None,
     config: str | None = None,
 ) -> tuple[ParityResult, dict[str, Any]]:
-    manifest = read_manifest(bundle)
+    """Every check of `open_bundle` first (paths, links, unknown files, sizes, sha256), then the golden
+    data (bounded, range-checked) or `checkpoint`'s recomputation, then the artifact's own runtime."""
+    opened = open_bundle(bundle)
+    manifest, root = opened.manifest, opened.root
     module = load_target(manifest["target"])
-    problems = integrity_problems(bundle, manifest)
     resolved = resolve_thresholds(manifest["bits"], thresholds)
-    golden = golden_from_checkpoint(checkpoint, manifest, config) if checkpoint else Golden.load(bundle / GOLDEN_FILE)
-    try:
-        runtime = module.open_runtime(bundle, manifest)
-    except UserError:
-        raise
-    except Exception as exc:  # an artifact its own runtime cannot load is bad input, not our bug
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"{bundle / manifest['artifact']}: the {manifest['target']} runtime cannot load the artifact ({first}); re-export the bundle"
-        ) from None
+    out_dir = Path(report_dir) if report_dir is not None else root
+    if report_dir is not None:
+        with loading(out_dir, "report folder", "pass a writable --report-dir"):
+            out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(out_dir, "pass a writable --report-dir")
+    else:
+        check_writable(out_dir, "the bundle is read-only: pass --report-dir DIR for the parity reports")
+    vocab = manifest["vocab_size"]
+    if checkpoint:
+        golden = golden_from_checkpoint(checkpoint, manifest, config)
+    elif GOLDEN_FILE not in manifest["files"]:
+        raise UserError(f"{bundle}: no {GOLDEN_FILE} in the bundle; re-export it or pass --checkpoint")
+    else:
+        golden = Golden.load(root / GOLDEN_FILE, vocab, manifest["max_context"])
+    artifact = root / manifest["artifact"]
+    with loading(artifact, f"{manifest['target']} artifact", "re-export the bundle"):
+        runtime = CheckedRuntime(module.open_runtime(root, manifest), vocab, artifact)
     result = run_parity(runtime, golden, resolved, lambda m: _log(f"[{manifest['target']}] parity: {m}"))
-    result.integrity_problems = problems
     report = report_dict(
         result,
         {
@@ -97,5 +136,5 @@ def validate_bundle(
         },
         resolved,
     )
-    write_reports(report, report_dir or bundle)
+    write_reports(report, out_dir)
     return result, report

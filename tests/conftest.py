@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,22 @@ def sharing(request: pytest.FixtureRequest) -> str:
 def tokens() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, TINY.vocab_size, (1, 12), generator=g)
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under `root` without following links: kind, mode, and content (or link target)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out[str(path.relative_to(root))] = ("link", os.readlink(path))
+            elif stat.S_ISREG(st.st_mode):
+                out[str(path.relative_to(root))] = ("file", st.st_mode, hashlib.sha256(path.read_bytes()).hexdigest())
+            else:
+                out[str(path.relative_to(root))] = ("other", st.st_mode)
+    return out
 
 
 def default_model_dir() -> Path:

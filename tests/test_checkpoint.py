@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_model, run_cli, tiny_config
+from conftest import random_model, run_cli, snapshot, tiny_config
 from mobilellm.exporter.checkpoint import load_checkpoint, save_checkpoint
 from mobilellm.exporter.errors import UserError
 
@@ -205,3 +205,97 @@ def test_cli_inspect(good_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> Non
     # fused: one QKV and one gate/up linear per stored block; unfused: three and two
     assert "fused         " in out and f"{3 * 4 + 1} linear" in out  # 3 blocks x (qkv, o, w13, w2) + output
     assert f"{3 * 7 + 1} linear" in out
+
+
+# ------------------------------------------------------------------ checkpoints from elsewhere
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"max_position_embeddings": 10**9}, "max_position_embeddings is 1000000000, more than this tool supports"),
+        ({"num_hidden_layers": 10**9}, "num_hidden_layers is 1000000000, more than this tool supports"),
+        ({"vocab_size": 1.5e9}, "vocab_size must be an integer, got 1500000000.0"),
+        ({"intermediate_size": -5}, "intermediate_size must be positive, got -5"),
+        ({"rms_norm_eps": "abc"}, "rms_norm_eps must be a number, got 'abc'"),
+        ({"rope_theta": float("nan")}, "rope_theta must be a positive finite number, got nan"),
+        ({"bos_token_id": "1"}, "bos_token_id must be an integer token id, got '1'"),
+        ({"eos_token_id": [10**6]}, "eos_token_id must be a token id in 0..159, got 1000000"),
+        ({"hidden_size": 36, "num_attention_heads": 4}, "head size 9 (hidden size / heads) must be even"),
+        ({"share_embedding": "yes"}, "share_embedding must be true or false"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_malicious_config_is_refused_before_allocating(
+    good_ckpt: Path, change: dict, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = {**_config(good_ckpt), **change}
+    (good_ckpt / "config.json").write_text(json.dumps(cfg))  # json writes NaN as the NaN token it reads back
+    before = snapshot(good_ckpt.parent)
+    code, out, err = run_cli(["inspect", str(good_ckpt), "--no-ops"], capsys)
+    assert code == 2, err
+    assert err.startswith(f"error: {good_ckpt / 'config.json'}: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert snapshot(good_ckpt.parent) == before
+
+
+def test_config_that_is_not_text_exits_2(good_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (good_ckpt / "config.json").write_bytes(b'{"model_type": "\xff\xfe"}')
+    code, _, err = run_cli(["inspect", str(good_ckpt), "--no-ops"], capsys)
+    assert code == 2 and "config.json: invalid JSON (UnicodeDecodeError)" in err, err
+
+
+def test_shard_outside_the_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = save_checkpoint(random_model(tiny_config()), tmp_path / "sharded", shards=2)
+    index = ckpt / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    outside = tmp_path / "outside.safetensors"
+    (ckpt / "model-00001-of-00002.safetensors").rename(outside)
+    data["weight_map"] = {
+        k: "../outside.safetensors" if v.startswith("model-00001") else v for k, v in data["weight_map"].items()
+    }
+    index.write_text(json.dumps(data))
+    code, _, err = run_cli(["inspect", str(ckpt), "--no-ops"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "weight_map names shard '../outside.safetensors'; shards are files beside the index" in err
+
+
+def test_truncated_tokenizer_fails_the_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Parity on pseudo-random ids would pass with an unreadable tokenizer: it is an error instead."""
+    from conftest import default_model_dir
+
+    tok = default_model_dir() / "tokenizer.model"
+    ckpt = save_checkpoint(random_model(tiny_config(n_layers=1)), tmp_path / "tiny", tokenizer=tok)
+    (ckpt / "tokenizer.model").write_bytes(tok.read_bytes()[: tok.stat().st_size // 3])
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(
+        ["--checkpoint", str(ckpt), "--target", "onnx", "--max-seq-len", "32", "--output", str(tmp_path / "dist")],
+        capsys,
+    )
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"error: {ckpt / 'tokenizer.model'}: cannot load the tokenizer (" in err, err
+    assert snapshot(tmp_path) == before and not (tmp_path / "dist").exists()
+
+
+def test_loading_holds_about_one_copy_of_the_weights(tmp_path: Path) -> None:
+    """Built on the meta device and loaded with assign: loading raises the peak RSS by about the fp32
+    weights once (measured 0.64x; the former random init + copying load measured 2.08x)."""
+    import subprocess
+    import sys
+
+    cfg = tiny_config(dim=512, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=2048, vocab_size=32000)
+    model = random_model(cfg)
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    ckpt = save_checkpoint(model, tmp_path / "mid", dtype=torch.float32)
+    del model
+    code = f"""
+from mobilellm.exporter.checkpoint import load_checkpoint
+def kib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from the current RSS
+base = kib("VmRSS")
+ckpt = load_checkpoint({str(ckpt)!r}, detect_shared_blocks=False)
+print(kib("VmHWM") - base)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    peak = int(out.split()[-1]) * 1024
+    assert weights > 100e6
+    assert peak < 1.35 * weights, (peak, weights)

@@ -1,7 +1,8 @@
 """The dependency rule of the README's Layout section, checked on the source: imports flow one way.
 
 `config -> model -> export_model -> quantize -> memory -> targets -> validation -> pipeline -> cli`;
-sibling targets never import each other; `validation/` imports only the model and the target interface;
+sibling targets never import each other; `validation/` imports only the model, the target interface and
+the leaf utilities (errors, atomic writes);
 no private name is imported across modules; only the CLI defers imports of its own package (so that
 `--help` does not load torch)."""
 
@@ -18,13 +19,14 @@ ORDER = [
     "exporter.errors",
     "exporter.config",
     "exporter.assets",
+    "exporter.atomic",
+    "exporter.bundle",
     "exporter.tokenizer",
     "exporter.model",
     "exporter.checkpoint",
     "exporter.export_model",
     "exporter.quantize",
     "exporter.memory",
-    "exporter.bundle",
     "exporter.targets.base",
     "exporter.targets",
     "exporter.targets.coreml_eval",
@@ -47,7 +49,14 @@ ORDER = [
     "exporter",
 ]
 SIBLING_TARGETS = {"exporter.targets.executorch", "exporter.targets.coreml", "exporter.targets.onnx"}
-VALIDATION_MAY_IMPORT = {"exporter.errors", "exporter.model", "exporter.targets.base", "exporter.targets"}
+# The model, the target interface, and the two leaf utilities (errors, atomic file writes).
+VALIDATION_MAY_IMPORT = {
+    "exporter.errors",
+    "exporter.atomic",
+    "exporter.model",
+    "exporter.targets.base",
+    "exporter.targets",
+}
 
 
 def _module(path: Path) -> str:

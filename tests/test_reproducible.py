@@ -35,9 +35,10 @@ def test_same_input_gives_same_bytes(tmp_path: Path, target: str) -> None:
             str(tmp_path / run),
         ]
         # A random 4-bit tiny model may miss the reference thresholds (exit 1); the bundle is still
-        # complete, and its bytes are what this test is about.
-        assert invoke_cli(args) in (0, 1)
-        trees.append(_tree(tmp_path / run / f"tiny-{target}-4bit"))
+        # complete (beside where a good one goes, as NAME.failed), and its bytes are what this test is about.
+        code = invoke_cli(args)
+        assert code in (0, 1)
+        trees.append(_tree(tmp_path / run / f"tiny-{target}-4bit{'.failed' if code else ''}"))
     assert trees[0].keys() == trees[1].keys()
     differing = [name for name in trees[0] if trees[0][name] != trees[1][name]]
     assert not differing, f"files differ between identical exports: {differing}"

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mobilellm.exporter.errors import UserError
+from mobilellm.exporter.errors import UserError, loading
 from mobilellm.exporter.model import KVState, MobileLLM
 from mobilellm.exporter.targets.base import TargetRuntime
 
@@ -24,6 +24,7 @@ from .metrics import compare_logits, compare_top_k, perplexity, top_k
 from .sequences import run_runtime
 
 GOLDEN_FILE = "golden.npz"
+MAX_VOCAB = 1 << 20  # the largest vocabulary a manifest may declare (schema) and golden data may hold
 # Every parity run feeds PARITY_TOKENS held-out tokens (fewer if the context is shorter): a prefill of
 # all but the last DECODE_STEPS, then one token per decode step. Perplexity, top-1 and KL cover every
 # position; full logits are kept for the decode positions (cosine / max-abs checks).
@@ -92,22 +93,125 @@ class Golden:
                     np.lib.format.write_array(member, np.asanyarray(arrays[key]), allow_pickle=False)
 
     @classmethod
-    def load(cls, path: Path) -> "Golden":
+    def load(cls, path: Path, vocab_size: int | None = None, max_context: int | None = None) -> "Golden":
+        """Read golden.npz as data from elsewhere: every member's dtype and shape are checked against
+        what the manifest implies (`vocab_size`, `max_context`) from its header, before anything is
+        allocated; at most that many bytes are read (a deflate bomb inflates no further); token ids
+        must lie in the vocabulary. Any problem is a UserError naming the file."""
+
         if not path.is_file():
             raise UserError(f"{path.parent}: no {path.name} in the bundle; re-export it or pass --checkpoint")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return cls(
-                    tokens=z["tokens"],
-                    prefill=int(z["prefill"]),
-                    top_ids={w: z[f"{w}_top_ids"] for w in AGAINST},
-                    top_logprobs={w: z[f"{w}_top_logprobs"] for w in AGAINST},
-                    logits={w: z[f"{w}_logits"] for w in AGAINST},
-                    ppl={w: float(z[f"{w}_ppl"]) for w in AGAINST},
-                    greedy={w: z[f"{w}_greedy"] for w in AGAINST},
-                )
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            raise UserError(f"{path}: corrupt golden data ({exc}); re-export the bundle or pass --checkpoint") from None
+        fix = "re-export the bundle or pass --checkpoint"
+        with loading(path, "golden data", fix, problem="corrupt golden data"):
+            with zipfile.ZipFile(path) as zf:
+                return cls._from_zip(zf, path, vocab_size, max_context)
+
+    @classmethod
+    def _from_zip(cls, zf: zipfile.ZipFile, path: Path, vocab: int | None, max_context: int | None) -> "Golden":
+        fix = "re-export the bundle or pass --checkpoint"
+        names = {f"{key}.npy" for key in _GOLDEN_KEYS}
+        present = set(zf.namelist())
+        if present != names:
+            odd = sorted(present - names)[:3] or sorted(names - present)[:3]
+            raise UserError(
+                f"{path}: corrupt golden data (members {', '.join(map(repr, odd))} unexpected or missing); {fix}"
+            )
+        limit = min(PARITY_TOKENS, max_context - 1) if max_context else PARITY_TOKENS
+
+        def read(key: str, dtype: str, shape: tuple[int | None, ...], bound: int | None = None) -> np.ndarray:
+            return _read_npy(zf, path, key, np.dtype(dtype), shape, bound, fix)
+
+        tokens = read("tokens", "<i8", (None,), vocab)
+        n = len(tokens)
+        if not 2 <= n <= limit:
+            raise UserError(f"{path}: corrupt golden data ({n} tokens, expected 2..{limit}); {fix}")
+        prefill = int(read("prefill", "<i8", ()))
+        if not 1 <= prefill < n:
+            raise UserError(f"{path}: corrupt golden data (prefill {prefill} of {n} tokens); {fix}")
+        if not 1 <= n - prefill <= DECODE_STEPS:
+            raise UserError(
+                f"{path}: corrupt golden data ({n - prefill} decode steps, expected 1..{DECODE_STEPS}); {fix}"
+            )
+        if vocab is None:  # no manifest to check against: the file's own width, bounded
+            shape, _ = _npy_header(zf, path, f"{AGAINST[0]}_logits", fix)
+            vocab = shape[-1] if len(shape) == 2 else 0
+            if not 1 <= vocab <= MAX_VOCAB:
+                raise UserError(f"{path}: corrupt golden data (vocabulary of {vocab}); {fix}")
+            if tokens.size and tokens.max() >= vocab:
+                raise UserError(f"{path}: corrupt golden data (token id {tokens.max()} >= vocabulary {vocab}); {fix}")
+        k = min(TOP_K, vocab)
+        golden = cls(
+            tokens=tokens,
+            prefill=prefill,
+            top_ids={w: read(f"{w}_top_ids", "<i4", (n, k), vocab) for w in AGAINST},
+            top_logprobs={w: read(f"{w}_top_logprobs", "<f4", (n, k)) for w in AGAINST},
+            logits={w: read(f"{w}_logits", "<f4", (n - prefill, vocab)) for w in AGAINST},
+            ppl={w: float(read(f"{w}_ppl", "<f8", ())) for w in AGAINST},
+            greedy={w: read(f"{w}_greedy", "<i8", (None,), vocab) for w in AGAINST},
+        )
+        for who in AGAINST:
+            if not (np.isfinite(golden.ppl[who]) and golden.ppl[who] > 0):
+                raise UserError(f"{path}: corrupt golden data ({who} perplexity {golden.ppl[who]}); {fix}")
+            if not 1 <= len(golden.greedy[who]) <= GENERATE_TOKENS:
+                raise UserError(f"{path}: corrupt golden data ({len(golden.greedy[who])} greedy tokens); {fix}")
+        return golden
+
+
+_GOLDEN_KEYS = ("tokens", "prefill") + tuple(
+    f"{w}_{part}" for w in AGAINST for part in ("top_ids", "top_logprobs", "logits", "ppl", "greedy")
+)
+
+
+def _npy_header(zf: zipfile.ZipFile, path: Path, key: str, fix: str) -> tuple[tuple[int, ...], np.dtype]:
+    with zf.open(f"{key}.npy") as fh:
+        return _read_header(fh, path, key, fix)
+
+
+def _read_header(fh: Any, path: Path, key: str, fix: str) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(fh)
+    if version not in ((1, 0), (2, 0)):
+        raise UserError(f"{path}: corrupt golden data ({key}: .npy version {version}); {fix}")
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = reader(fh, max_header_size=1024)
+    if fortran:
+        raise UserError(f"{path}: corrupt golden data ({key} in Fortran order); {fix}")
+    return tuple(shape), dtype
+
+
+def _read_npy(
+    zf: zipfile.ZipFile,
+    path: Path,
+    key: str,
+    dtype: np.dtype,
+    shape: tuple[int | None, ...],
+    bound: int | None,
+    fix: str,
+) -> np.ndarray:
+    """One member whose header must declare `dtype` and `shape` (None: any length up to PARITY_TOKENS),
+    read with exactly the bytes that implies; integer values in [0, bound) when `bound` is given."""
+    info = zf.getinfo(f"{key}.npy")
+    with zf.open(info) as fh:
+        got_shape, got_dtype = _read_header(fh, path, key, fix)
+        fits = len(got_shape) == len(shape) and all(
+            (0 <= g <= PARITY_TOKENS) if w is None else g == w for g, w in zip(got_shape, shape)
+        )
+        if got_dtype != dtype or not fits:
+            want = tuple("n" if w is None else w for w in shape)
+            raise UserError(
+                f"{path}: corrupt golden data ({key} is {got_dtype.str}{list(got_shape)}, expected {dtype.str}{list(want)}); {fix}"
+            )
+        size = int(np.prod(got_shape, dtype=np.int64)) * dtype.itemsize
+        if info.file_size != fh.tell() + size:  # e.g. a deflate bomb behind a small header: never inflated
+            raise UserError(
+                f"{path}: corrupt golden data ({key} holds {info.file_size} bytes, its header implies {fh.tell() + size}); {fix}"
+            )
+        raw = fh.read(size)
+        if len(raw) != size:
+            raise UserError(f"{path}: corrupt golden data ({key} is truncated); {fix}")
+    arr = np.frombuffer(raw, dtype=dtype).reshape(got_shape).copy()
+    if bound is not None and arr.size and (arr.min() < 0 or arr.max() >= bound):
+        raise UserError(f"{path}: corrupt golden data ({key} holds ids outside the vocabulary 0..{bound - 1}); {fix}")
+    return arr
 
 
 def golden_inputs(all_tokens: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, int]:

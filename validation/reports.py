@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
+from mobilellm.exporter.atomic import remove_stale_temps, write_atomic
+
 from .parity import ParityResult
 
 REPORT_SCHEMA = "mobilellm-export/parity"
@@ -89,9 +91,10 @@ def junit(report: dict[str, Any]) -> str:
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Each report through a temp file and a rename (`atomic.write_atomic`): never half-written, and a
+    symbolic link at a report's name is replaced, never written through."""
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / name for name in REPORT_FILES]
-    paths[0].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    paths[1].write_text(markdown(report))
-    paths[2].write_text(junit(report))
-    return paths
+    remove_stale_temps(out_dir)
+    texts = (json.dumps(report, indent=2, sort_keys=True) + "\n", markdown(report), junit(report))
+    return [write_atomic(out_dir / name, text) for name, text in zip(REPORT_FILES, texts)]

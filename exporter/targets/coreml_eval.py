@@ -149,10 +149,20 @@ def read_spec(package: Path):
     if package.is_dir():
         manifest = json.loads((package / "Manifest.json").read_text())
         root = manifest["rootModelIdentifier"]
-        spec_path = package / "Data" / manifest["itemInfoEntries"][root]["path"]
+        spec_path = _inside(package, package / "Data" / manifest["itemInfoEntries"][root]["path"])
     spec = Model_pb2.Model()
     spec.ParseFromString(spec_path.read_bytes())
     return spec, spec_path
+
+
+def _inside(package: Path, path: Path) -> Path:
+    """`path` if it is a regular file or missing inside `package` (no link, no '..', no absolute
+    path out of it, no device such as /dev/zero); a ValueError otherwise."""
+    resolved, root = Path(path).resolve(), Path(package).resolve()
+    outside = resolved != root and root not in resolved.parents
+    if outside or Path(path).is_symlink() or (resolved.exists() and not resolved.is_file()):
+        raise ValueError(f"{package}: the program reads {path}, outside the package or not a regular file")
+    return resolved
 
 
 def _tensor_type(vt) -> tuple[int, list[int | None]]:
@@ -599,9 +609,9 @@ class CoreMLEvaluator:
 
     def _blob(self, fname: str) -> BlobFile:
         if fname not in self._blobs:
-            path = self.weights_dir.parent / fname if not Path(fname).is_absolute() else Path(fname)
+            path = _inside(self.package, self.weights_dir.parent / fname)  # never outside the package
             if not path.exists():
-                path = self.weights_dir / Path(fname).name
+                path = _inside(self.package, self.weights_dir / Path(fname).name)
             self._blobs[fname] = BlobFile(path)
         return self._blobs[fname]
 

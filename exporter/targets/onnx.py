@@ -923,16 +923,14 @@ class OnnxRuntime(TargetRuntime):
 def open_runtime(bundle_dir: Path, manifest: dict[str, Any] | None = None, threads: int | None = None) -> OnnxRuntime:
     """An onnxruntime CPU session over the bundle's model (`manifest["artifact"]`, else model.onnx).
 
-    threads: intra-op threads (None: `manifest["threads"]`, else $MOBILELLM_ORT_THREADS, else
-    onnxruntime's default of one per physical core)."""
+    threads: intra-op threads (None: $MOBILELLM_ORT_THREADS, else onnxruntime's default of one per
+    physical core). A bundle never sets the validating machine's thread count."""
     manifest = manifest or {}
     artifact = manifest.get("artifact")
     model_file = artifact if isinstance(artifact, str) and artifact else MODEL_FILE
     path = Path(bundle_dir) / model_file
     if not path.is_file():
         raise UserError(f"{path}: ONNX model not found; re-run the export with --target onnx")
-    if threads is None and isinstance(manifest.get("threads"), int):
-        threads = manifest["threads"]
     return OnnxRuntime(path, threads)
 
 
