@@ -47,7 +47,15 @@ KV cache of one block application (sdpa over a static cache, ExecuTorch's custom
 
 
 def sdpa_attention(
-    q: Tensor, k: Tensor, v: Tensor, kv_update: KVUpdate, mask: Tensor, n_rep: int, broadcast_gqa: bool = False
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_update: KVUpdate,
+    mask: Tensor,
+    n_rep: int,
+    dim: int,
+    broadcast_gqa: bool = False,
+    seqlen: int | torch.SymInt = -1,
 ) -> Tensor:
     """`scaled_dot_product_attention` over a cache [1, n_kv_heads, T, head_dim]; K/V heads repeated `n_rep`
     times unless `broadcast_gqa` lets SDPA broadcast them (no copy)."""
@@ -59,7 +67,7 @@ def sdpa_attention(
         if n_rep > 1:
             keys, values = keys.repeat_interleave(n_rep, dim=1), values.repeat_interleave(n_rep, dim=1)
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    return attn.transpose(1, 2).flatten(2)
+    return attn.transpose(1, 2).reshape(1, seqlen, dim)
 
 
 class StaticKVCache(nn.Module):
@@ -110,15 +118,17 @@ class ExportBlock(nn.Module):
             return gate, up
         return self.w1(x), self.w3(x)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
-        """x [1, S, dim]; cos/sin [S, 1, head_dim]. The one block every target lowers; only `attend` differs."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend, seqlen: int | torch.SymInt = -1) -> Tensor:
+        """x [1, S, dim]; cos/sin [S, 1, head_dim]. The one block every target lowers; only `attend` differs.
+
+        `seqlen`: torch.export callers pass the symbolic length (XNNPACK delegates a view with it, not one
+        with -1); Core ML's tracer passes -1 (traced shape arithmetic does not convert)."""
         cfg = self.cfg
         q, k, v = self.qkv(rms_norm(x, self.attention_norm, cfg.norm_eps))
-        # Batch 1 and -1 for the sequence: no traced shape arithmetic (Core ML), dynamic length (torch.export).
         half = cfg.head_dim // 2
-        q = apply_rope(q.view(1, -1, cfg.n_heads, cfg.head_dim), cos, sin, half)
-        k = apply_rope(k.view(1, -1, cfg.n_kv_heads, cfg.head_dim), cos, sin, half)
-        h = x + self.wo(attend(q, k, v.view(1, -1, cfg.n_kv_heads, cfg.head_dim)))
+        q = apply_rope(q.view(1, seqlen, cfg.n_heads, cfg.head_dim), cos, sin, half)
+        k = apply_rope(k.view(1, seqlen, cfg.n_kv_heads, cfg.head_dim), cos, sin, half)
+        h = x + self.wo(attend(q, k, v.view(1, seqlen, cfg.n_kv_heads, cfg.head_dim)))
         gate, up = self.gate_up(rms_norm(h, self.ffn_norm, cfg.norm_eps))
         return h + self.w2(F.silu(gate) * up)
 
@@ -141,13 +151,19 @@ def project(stack: DecoderStack, h: Tensor) -> Tensor:
 
 
 def decode_stack(
-    stack: DecoderStack, tokens: Tensor, cos: Tensor, sin: Tensor, attention: Callable[[int], Attend], last_only: bool
+    stack: DecoderStack,
+    tokens: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    attention: Callable[[int], Attend],
+    last_only: bool,
+    seqlen: int | torch.SymInt = -1,
 ) -> Tensor:
     """Embedding, the unrolled schedule (the same block module per application; `attention(slot)` owns each
     application's cache), final norm and output projection: the forward of every target."""
     h = stack.tok_embeddings(tokens)
     for slot, block_index in enumerate(stack.schedule):
-        h = stack.blocks[block_index](h, cos, sin, attention(slot))
+        h = stack.blocks[block_index](h, cos, sin, attention(slot), seqlen)
     if last_only:
         h = h[:, -1:, :]
     return project(stack, rms_norm(h, stack.norm, stack.config.norm_eps))
@@ -235,9 +251,9 @@ class ExportModel(nn.Module):
             def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
                 return self.caches[slot].update(start, k, v)
 
-            return lambda q, k, v: sdpa_attention(q, k, v, update, mask, n_rep, broadcast)
+            return lambda q, k, v: sdpa_attention(q, k, v, update, mask, n_rep, self.config.dim, broadcast, seqlen)
 
-        return decode_stack(self, tokens, cos, sin, attention, self.settings.last_logits_only)
+        return decode_stack(self, tokens, cos, sin, attention, self.settings.last_logits_only, seqlen)
 
     def rope_at(self, start: int | torch.SymInt, seqlen: int | torch.SymInt) -> tuple[Tensor, Tensor]:
         """cos/sin [S, 1, head_dim] of positions start..start+S-1 (broadcast over heads)."""

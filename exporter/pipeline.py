@@ -220,7 +220,9 @@ def _export_all(
             # onnxruntime-genai and ExecuTorch's runners read) beside the original file.
             tok_files = [f for f in (TOKENIZER_JSON, TOKENIZER_CONFIG) if f in artifact.files]
             if not tok_files:
-                tok_files = write_tokenizer_json(tmp, ckpt.tokenizer_path, ckpt.config.max_context)[0]
+                tok_files = write_tokenizer_json(
+                    tmp, ckpt.tokenizer_path, ckpt.config.max_context, ckpt.config.bos_id, ckpt.config.eos_id
+                )[0]
             parity_summary = None
             if options.parity:
                 twin = fake_quantized_twin(model, quantized)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,19 +61,31 @@ TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
-def write_tokenizer_json(bundle_dir: Path, tokenizer: Path, max_context: int) -> tuple[list[str], str]:
-    """tokenizer.json + tokenizer_config.json in `bundle_dir`: copied when the checkpoint has them,
-    converted from a SentencePiece model otherwise. Returns the files and a note; a tokenizer that
-    cannot be converted is a UserError (a bundle without tokenizer.json is incomplete)."""
+def write_tokenizer_json(
+    bundle_dir: Path, tokenizer: Path, max_context: int, bos_id: int = 1, eos_id: int = 2
+) -> tuple[list[str], str]:
+    """tokenizer.json + tokenizer_config.json in `bundle_dir`, encoding as the exporter does: BOS, then
+    the text. Converted from a SentencePiece model, or taken from the checkpoint's tokenizer.json with a
+    BOS template added where it has none. A tokenizer that cannot be written is a UserError (a bundle
+    without tokenizer.json is incomplete)."""
     if tokenizer.suffix == ".json":
-        if tokenizer.resolve() != (bundle_dir / TOKENIZER_JSON).resolve():
-            shutil.copy(tokenizer, bundle_dir / TOKENIZER_JSON)
-        source_config = tokenizer.parent / TOKENIZER_CONFIG
-        if source_config.is_file():
-            shutil.copy(source_config, bundle_dir / TOKENIZER_CONFIG)
-        else:
-            _tokenizer_config(bundle_dir, max_context, None)
-        return [TOKENIZER_JSON, TOKENIZER_CONFIG], f"copied {tokenizer.name}"
+        with loading(tokenizer, "tokenizer", "pass a readable tokenizer.json or tokenizer.model with --tokenizer"):
+            from tokenizers import Tokenizer
+
+            source = Tokenizer.from_file(str(tokenizer))
+        bos = source.id_to_token(bos_id)
+        if bos is None:
+            raise UserError(f"{tokenizer}: the model's BOS id {bos_id} is not in this tokenizer's vocabulary")
+        note = f"copied {tokenizer.name}"
+        if source.encode("a").ids[:1] != [bos_id]:
+            _prepend_bos(source, bos, bos_id)
+            note += " (BOS template added: the model reads BOS first)"
+        source.save(str(bundle_dir / TOKENIZER_JSON))
+        config = tokenizer.parent / TOKENIZER_CONFIG
+        existing = json.loads(config.read_text()) if config.is_file() else None
+        pieces = {"bos": bos, "eos": source.id_to_token(eos_id) or "</s>"}
+        _tokenizer_config(bundle_dir, max_context, pieces, existing)
+        return [TOKENIZER_JSON, TOKENIZER_CONFIG], note
     try:
         converted, pieces = spm_to_tokenizers(tokenizer)
     except Exception as exc:  # noqa: BLE001 - any failure means no tokenizer.json: say which file and why
@@ -119,8 +130,25 @@ def spm_to_tokenizers(path: Path) -> tuple[Any, dict[int, str]]:
     return tok, named
 
 
-def _tokenizer_config(bundle_dir: Path, max_context: int, pieces: dict[str, str] | None) -> None:
+def _prepend_bos(tok: Any, bos: str, bos_id: int) -> None:
+    from tokenizers import processors
+
+    template = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    tok.post_processor = template if tok.post_processor is None else processors.Sequence([tok.post_processor, template])
+
+
+def _tokenizer_config(
+    bundle_dir: Path, max_context: int, pieces: dict[str, str] | None, existing: dict[str, Any] | None = None
+) -> None:
+    """tokenizer_config.json: the checkpoint's (when it has one) with BOS declared as added, which is what
+    onnxruntime-genai's and swift-transformers' tokenizers read."""
     pieces = pieces or {}
+    if existing is not None:
+        conf = {**existing, "bos_token": pieces.get("bos", existing.get("bos_token")), "add_bos_token": True}
+        (bundle_dir / TOKENIZER_CONFIG).write_text(json.dumps(conf, indent=2) + "\n")
+        return
     conf = {
         "tokenizer_class": "LlamaTokenizer",
         "bos_token": pieces.get("bos", "<s>"),

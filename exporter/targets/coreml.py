@@ -154,7 +154,7 @@ class CoreMLModule(nn.Module):
                 v_cache[:, :, start:end] = v
                 return k_cache[:, :, :end], v_cache[:, :, :end]
 
-            return lambda q, k, v: sdpa_attention(q, k, v, update, causal_mask, n_rep)
+            return lambda q, k, v: sdpa_attention(q, k, v, update, causal_mask, n_rep, self.config.dim)
 
         return decode_stack(self, input_ids, cos, sin, attention, last_only=False)
 

@@ -194,6 +194,7 @@ class _CustomOpModel(nn.Module):
         torch._check(start >= 0)
         torch._check(start + seqlen <= model.settings.max_seq_len)
         cos, sin = model.rope_at(start, seqlen)
+        dim = model.config.dim
 
         def attention(slot: int) -> Attend:
             k_cache, v_cache = getattr(self, f"k_cache_{slot}"), getattr(self, f"v_cache_{slot}")
@@ -201,11 +202,11 @@ class _CustomOpModel(nn.Module):
             def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 torch.ops.llama.update_cache(k, k_cache, start)
                 torch.ops.llama.update_cache(v, v_cache, start)
-                return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True).flatten(2)
+                return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True).reshape(1, seqlen, dim)
 
             return attend
 
-        return decode_stack(model, tokens, cos, sin, attention, model.settings.last_logits_only)
+        return decode_stack(model, tokens, cos, sin, attention, model.settings.last_logits_only, seqlen)
 
 
 def _use_custom_ops(override: bool | None) -> bool:

@@ -863,7 +863,7 @@ def _write_tokenizer(bundle_dir: Path, tokenizer: Path | None, cfg: Any) -> tupl
     """tokenizer.json + tokenizer_config.json (what onnxruntime-genai reads) beside the model."""
     if tokenizer is None:
         return [], "no tokenizer in the checkpoint: onnxruntime-genai needs tokenizer.json next to the model"
-    return write_tokenizer_json(bundle_dir, Path(tokenizer), cfg.max_context)
+    return write_tokenizer_json(bundle_dir, Path(tokenizer), cfg.max_context, cfg.bos_id, cfg.eos_id)
 
 
 # ----------------------------------------------------------------------------- runtime
