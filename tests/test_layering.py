@@ -42,6 +42,7 @@ ORDER = [
     "exporter.random_checkpoint",
     "exporter.pipeline",
     "exporter.validate",
+    "exporter.release",
     "exporter.cli",
     "exporter",
 ]
