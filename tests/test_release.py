@@ -1,11 +1,13 @@
 """`mobilellm-export release`: parallel local runs and CI's merge give the same release.json; the job matrix;
-bad input refused with exit 2."""
+bad input refused with exit 2; the release workflow passes actionlint."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -18,6 +20,7 @@ from mobilellm.exporter.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 RELEASE_SCHEMA = ROOT / "exporter" / "schemas" / "release.schema.json"
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 
 
 def _tiny_release(tmp_path: Path) -> tuple[Path, Path]:
@@ -168,3 +171,48 @@ def test_recipe_config_file(tmp_path: Path) -> None:
         recipe.write_text(f"[model]\n{model}\n")
         with pytest.raises(UserError, match=error):
             load_recipe(recipe)
+
+
+def _actionlint() -> str:
+    found = shutil.which("actionlint", path=str(Path(sys.executable).parent)) or shutil.which("actionlint")
+    assert found, "actionlint is not installed: pip install -e '.[test]' (it ships the binary)"
+    return found
+
+
+def test_workflows_pass_actionlint() -> None:
+    assert WORKFLOWS, ".github/workflows/*.yml not found"
+    run = subprocess.run([_actionlint(), "-no-color", *map(str, WORKFLOWS)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and not run.stdout.strip(), run.stdout + run.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
+    """The check above can fail: a matrix read from a job the workflow does not need is an error."""
+    text = (ROOT / ".github" / "workflows" / "release.yml").read_text()
+    broken = tmp_path / ".github" / "workflows" / "release.yml"
+    broken.parent.mkdir(parents=True)
+    broken.write_text(text.replace("needs: matrix\n", "needs: []\n", 1))
+    run = subprocess.run([_actionlint(), "-no-color", str(broken)], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 1 and "needs" in run.stdout, run.stdout + run.stderr
+
+
+def test_release_workflow_shape() -> None:
+    """The jobs the release needs: the matrix from `release --matrix`, one export per recipe that uploads its
+    bundle even on a parity failure, and a final merge that always runs and gates the release."""
+    import yaml
+
+    flow = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yml").read_text())
+    jobs = flow["jobs"]
+    assert list(jobs) == ["matrix", "export", "release"]
+    plan = "\n".join(step.get("run", "") for step in jobs["matrix"]["steps"])
+    assert "mobilellm-export release" in plan and "--matrix" in plan
+    export = jobs["export"]
+    assert export["strategy"]["matrix"] == "${{ fromJSON(needs.matrix.outputs.matrix) }}"
+    assert export["strategy"]["fail-fast"] is False
+    uses = [step.get("uses", "") for step in export["steps"]]
+    assert sum(u.startswith("actions/cache@") for u in uses) >= 2  # the venv and the checkpoint
+    upload = next(step for step in export["steps"] if step.get("uses", "").startswith("actions/upload-artifact@"))
+    assert upload["if"] == "${{ !cancelled() }}" and upload["with"]["name"] == "${{ matrix.bundle }}"
+    final = jobs["release"]
+    assert "always()" in final["if"] and set(final["needs"]) == {"matrix", "export"}
+    merge = "\n".join(step.get("run", "") for step in final["steps"])
+    assert "release --merge" in merge and "--expect" in merge and "GITHUB_STEP_SUMMARY" in merge
