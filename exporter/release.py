@@ -45,6 +45,7 @@ RELEASE_SCHEMA_VERSION = 1
 RELEASE_SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "release.schema.json"
 RELEASE_JSON = "release.json"
 RELEASE_MD = "release.md"
+_BUNDLE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # as pipeline.bundle_name writes it
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Relative export cost per parameter (README: 125M took ~600 s on ExecuTorch, ~140 s on Core ML, ~10 s on
 # ONNX); only used to start the longest jobs first.
@@ -273,9 +274,11 @@ def read_release_bundle(bundle: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f"{bundle}: exported with --no-parity; a release needs each bundle's parity report: re-export it"
         )
     name, suffix = manifest["name"], f"-{manifest['target']}-{manifest['bits']}bit"
-    if not name.endswith(suffix) or name == suffix:
+    if not _BUNDLE_NAME.fullmatch(name) or not name.endswith(suffix) or name == suffix:
         raise UserError(f"{bundle}: bundle name {name!r} is not <model>{suffix}; is this a bundle of mobilellm-export?")
-    path = bundle / summary["report"]
+    if summary["report"] != "parity.json":
+        raise UserError(f"{bundle}: manifest.json names the parity report {summary['report']!r}, not parity.json")
+    path = bundle / "parity.json"
     try:
         report = json.loads(path.read_text())
         jsonschema.validate(report, json.loads(PARITY_SCHEMA_PATH.read_text()))
@@ -295,7 +298,7 @@ def recheck(bundle: Path, report: dict[str, Any]) -> list[str]:
     (as `validate` runs it; the bundle is not written to). Returns the failures; UserError for a bundle
     whose bytes differ from its manifest or whose artifact does not load."""
     with tempfile.TemporaryDirectory() as tmp:
-        result, _ = validate_bundle(bundle, None, report["thresholds"], Path(tmp))
+        result, _ = validate_bundle(bundle, thresholds=report["thresholds"], report_dir=Path(tmp))
     if result.integrity_problems:
         raise UserError(
             f"{bundle}: {', '.join(result.integrity_problems)} differ from the sha256 in manifest.json; "

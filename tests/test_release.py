@@ -120,6 +120,25 @@ def test_release_and_merge_give_the_same_report(tmp_path: Path, capsys: pytest.C
     assert code == 2 and "notes: not a bundle" in err
 
 
+def test_a_job_with_bad_input_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A job refused inside its process (here: the checkpoint is not the recipe's model) is an error line,
+    a missing bundle in the report, and exit 2."""
+    ckpt, recipes = _tiny_release(tmp_path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(
+        (ckpt / "config.json").read_text().replace('"num_hidden_layers": 1', '"num_hidden_layers": 2')
+    )
+    recipe = recipes / "Tiny" / "onnx-16bit.toml"
+    recipe.write_text(recipe.read_text().replace("../../tiny/config.json", "../../other/config.json"))
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(["release", str(recipe), "--checkpoint", f"Tiny={ckpt}", "--output", str(out_dir)], capsys)
+    assert code == 2 and "the checkpoint is not Tiny: n_layers 1 (recipe: 2)" in err and "(log: " in err, err
+    assert json.loads((out_dir / "release.json").read_text())["missing"] == [
+        {"bundle": "Tiny-onnx-16bit", "model": "Tiny", "target": "onnx", "bits": 16}
+    ]
+    assert "| **MISSING** | Tiny-onnx-16bit |" in (out_dir / "release.md").read_text()
+
+
 def test_matrix_lists_every_recipe(capsys: pytest.CaptureFixture[str]) -> None:
     """The dry run of the CI matrix over recipes/: one job per recipe, everything a job needs, largest first."""
     code, out, err = run_cli(["release", str(RECIPES), "--matrix"], capsys)
