@@ -269,6 +269,66 @@ def bench(
     typer.echo(json.dumps(bench_bundle_subprocess(bundle, threads, prompt_tokens, decode_tokens), indent=2))
 
 
+@app.command()
+def release(
+    paths: list[Path] = typer.Argument(
+        ...,
+        metavar="RECIPE_OR_DIR",
+        help="Recipes or folders of recipes; with --merge: bundles or folders of bundles.",
+    ),
+    checkpoint: Optional[list[str]] = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="MODEL=PATH: the checkpoint of the recipes whose [model] name is MODEL (repeatable), "
+        "e.g. MobileLLM-125M=~/models/MobileLLM-125M.",
+    ),
+    output: Path = typer.Option(
+        Path("dist"), "--output", "-o", help="Where the bundles, their logs, release.json and release.md go."
+    ),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Exports run at once, each in its own process."),
+    matrix: bool = typer.Option(
+        False, "--matrix", help='Print the job list as JSON ({"include": [...]}) for a CI matrix.'
+    ),
+    merge: bool = typer.Option(
+        False,
+        "--merge",
+        help="Report on bundles exported elsewhere (the final CI job), re-checking each as validate does.",
+    ),
+    expect: Optional[list[Path]] = typer.Option(
+        None,
+        "--expect",
+        help="With --merge: the release's recipes (files or folders); a missing bundle fails the release.",
+    ),
+) -> None:
+    """Export every recipe and write DIR/release.json and release.md; exit 0 all passed, 1 any parity failure, 2 bad input."""
+    from .release import matrix_json, parse_checkpoints, plan_jobs
+    from .release import merge as merge_bundles
+    from .release import release as run_release
+
+    if merge:
+        if matrix or checkpoint or jobs != 1:
+            raise UserError("--merge reports on finished bundles: --matrix, --checkpoint and --jobs do not apply")
+        outcome = merge_bundles(paths, output, plan_jobs(expect) if expect else None)
+    elif expect:
+        raise UserError("--expect goes with --merge (a release run expects the recipes it is given)")
+    elif matrix:
+        typer.echo(matrix_json(plan_jobs(paths)))
+        return
+    else:
+        planned = plan_jobs(paths)
+        outcome = run_release(planned, parse_checkpoints(checkpoint, planned), output, jobs)
+    for line in outcome.errors:
+        typer.echo(f"error: {line}", err=True)
+    c = outcome.report["counts"]
+    typer.echo(
+        f"release {'PASS' if outcome.report['passed'] else 'FAIL'}: {c['passed']} passed, {c['failed']} failed, "
+        f"{c['missing']} missing; {output / 'release.md'}"
+    )
+    if outcome.code:
+        raise typer.Exit(outcome.code)
+
+
 @app.command("random-checkpoint")
 def random_checkpoint(
     preset_name: str = typer.Argument(

@@ -14,6 +14,7 @@ from typing import Any
 
 from mobilellm.validation.parity import resolve_thresholds
 
+from .checkpoint import resolve_config
 from .config import ModelConfig, preset
 from .errors import UserError
 from .quantize import QuantMethod
@@ -42,7 +43,7 @@ class ExportOptions:
 
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "model": {"name": str, "preset": str, "hub_id": str},
+    "model": {"name": str, "preset": str, "config": str, "hub_id": str},
     "export": {
         "target": str,
         "bits": int,
@@ -74,9 +75,11 @@ class Recipe:
     hub_id: str | None
     export: dict[str, Any]
     thresholds: dict[str, float] = field(default_factory=dict)
+    #: `[model] config`: a config.json (relative to the recipe) for a model that is no preset
+    config_file: Path | None = None
 
     def config(self) -> ModelConfig:
-        return preset(self.preset)
+        return resolve_config(self.config_file) if self.config_file else preset(self.preset)
 
     def check_matches(self, cfg: ModelConfig) -> None:
         """Refuse a checkpoint whose architecture is not the recipe's model."""
@@ -116,9 +119,12 @@ def load_recipe(path: Path) -> Recipe:
                     f"{path}: {section}.{key} = {value!r} is not one of {', '.join(map(str, _CHOICES[key]))}"
                 )
     model = raw.get("model", {})
-    if "preset" not in model:
-        raise UserError(f"{path}: missing model.preset")
-    preset(model["preset"])  # unknown preset -> clear error
+    if ("preset" in model) == ("config" in model):
+        raise UserError(f'{path}: [model] needs exactly one of preset (e.g. "125M") and config (a config.json)')
+    config_file = (path.parent / model["config"]) if "config" in model else None
+    if config_file is not None and "name" not in model:
+        raise UserError(f"{path}: model.name is required with model.config")
+    resolve_config(config_file) if config_file else preset(model["preset"])  # unknown preset, bad file -> clear error
     thresholds = raw.get("parity", {}).get("thresholds", {})
     bits = raw.get("export", {}).get("bits", 4)
     try:
@@ -127,11 +133,12 @@ def load_recipe(path: Path) -> Recipe:
         raise UserError(f"{path}: parity.thresholds: {exc}") from None
     return Recipe(
         path,
-        model.get("name", model["preset"]),
-        model["preset"],
+        model.get("name", model.get("preset")),
+        model.get("preset", ""),
         model.get("hub_id"),
         dict(raw.get("export", {})),
         {k: float(v) for k, v in thresholds.items()},
+        config_file,
     )
 
 

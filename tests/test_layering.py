@@ -45,6 +45,7 @@ ORDER = [
     "exporter.pipeline",
     "exporter.validate",
     "exporter.generate",
+    "exporter.release",
     "exporter.cli",
     "exporter",
 ]
