@@ -72,14 +72,15 @@ def test_release_and_merge_give_the_same_report(tmp_path: Path, capsys: pytest.C
     assert "reference.kl_divergence" in report["bundles"][0]["parity"]["failures"][0]
     assert str(tmp_path) not in (local / "release.json").read_text() + (local / "release.md").read_text()
     rows = [line for line in (local / "release.md").read_text().splitlines() if line.startswith("| ")][1:]
-    assert rows[0].startswith("| **FAIL** | [Tiny-onnx-4bit](Tiny-onnx-4bit/parity.md)")
+    # a bundle that failed parity is written as NAME.failed, beside the last good one
+    assert rows[0].startswith("| **FAIL** | [Tiny-onnx-4bit](Tiny-onnx-4bit.failed/parity.md)")
     assert (local / "Tiny-onnx-4bit.log").is_file()
 
     ci = tmp_path / "ci"  # one "runner" per recipe, each the plain export command
     for recipe in sorted((recipes / "Tiny").iterdir()):
         code, _, err = run_cli(["--recipe", str(recipe), "--checkpoint", str(ckpt), "--output", str(ci)], capsys)
         assert code == (1 if recipe.stem == "onnx-4bit" else 0), err
-    for name in ("Tiny-onnx-4bit", "Tiny-onnx-8bit", "Tiny-onnx-16bit"):
+    for name in ("Tiny-onnx-4bit.failed", "Tiny-onnx-8bit", "Tiny-onnx-16bit"):
         assert _tree(ci / name) == _tree(local / name), f"{name}: bytes differ between the two runs"
 
     code, out, err = run_cli(["release", "--merge", str(ci), "--expect", str(recipes), "--output", str(ci)], capsys)
@@ -110,7 +111,7 @@ def test_release_and_merge_give_the_same_report(tmp_path: Path, capsys: pytest.C
     tampered = partial / "Tiny-onnx-8bit"
     (tampered / "tokenizer.model").write_bytes(b"x" + (tampered / "tokenizer.model").read_bytes()[1:])
     code, _, err = run_cli(["release", "--merge", str(tampered), "--output", str(tmp_path / "out")], capsys)
-    assert code == 2 and "tokenizer.model differ from the sha256 in manifest.json" in err
+    assert code == 2 and "tokenizer.model: its sha256" in err and "changed or damaged after export" in err, err
     manifest = json.loads((ci / "Tiny-onnx-16bit" / "manifest.json").read_text())
     (ci / "Tiny-onnx-16bit" / "manifest.json").write_text(json.dumps({**manifest, "parity": None}))
     code, _, err = run_cli(["release", "--merge", str(ci / "Tiny-onnx-16bit")], capsys)

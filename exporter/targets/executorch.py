@@ -514,16 +514,22 @@ def _runner_output_silenced() -> Iterator[None]:
     own `sys.stdout` (the caller's stream of pieces) on the real stdout while both fds are muted."""
     sys.stdout.flush()
     sys.stderr.flush()
+    try:
+        on_fd1 = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        on_fd1 = False  # a Python-level stream (e.g. captured): the muted fd does not affect it
     saved_out, saved_err, saved_stream = os.dup(1), os.dup(2), sys.stdout
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(saved_out), "wb"), write_through=True)
+    if on_fd1:
+        sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(saved_out), "wb"), write_through=True)
     try:
         yield
     finally:
-        sys.stdout.flush()
-        sys.stdout.close()
+        if on_fd1:
+            sys.stdout.flush()
+            sys.stdout.close()
         sys.stdout = saved_stream
         os.dup2(saved_out, 1)
         os.dup2(saved_err, 2)
