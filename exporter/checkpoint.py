@@ -19,6 +19,7 @@ from torch import Tensor
 from .bundle import printable
 from .config import SHARING_STRATEGIES, ModelConfig, preset
 from .errors import UserError, first_line, loading
+from .hub import is_hub_id, resolve_hub_id
 from .model import MobileLLM, rope_tables
 
 CheckpointFormat = Literal["hf-safetensors", "hf-bin", "training", "pt"]
@@ -43,6 +44,14 @@ class Checkpoint:
     # How layer sharing was recovered from a flat checkpoint with byte-identical layers, as one
     # human sentence; None when the checkpoint was loaded as its config describes it.
     sharing_detected: str | None = None
+    hub_id: str | None = None  # the Hugging Face id it was resolved from, if any
+
+    @property
+    def name(self) -> str:
+        """What bundles and manifests call it: the hub repository's name, else the folder or file stem."""
+        if self.hub_id:
+            return self.hub_id.rsplit("/", 1)[1]
+        return self.source.stem if self.source.is_file() else self.source.name
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -429,7 +438,8 @@ def load_checkpoint(
     in a layer-sharing pattern (an -LS model saved unrolled) is loaded in the shared form; see
     `fold_shared_blocks()` and `Checkpoint.sharing_detected`. Pass False to load it as written.
     """
-    src = Path(path)
+    hub_id = str(path) if is_hub_id(path) else None
+    src = resolve_hub_id(hub_id) if hub_id else Path(path).expanduser()
     if not src.exists():
         raise UserError(
             f"{src}: checkpoint not found; pass a Hugging Face MobileLLM dir, a checkpoint-<step>/ dir or a .pt/.pth file"
@@ -470,7 +480,7 @@ def load_checkpoint(
     tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(tok_dir)
     if tok is not None and not tok.is_file():
         raise UserError(f"{tok}: tokenizer file not found")
-    return Checkpoint(cfg, model, tok, src, fmt, source_dtype, detected)
+    return Checkpoint(cfg, model, tok, src, fmt, source_dtype, detected, hub_id)
 
 
 def _build(cfg: ModelConfig, tensors: dict[str, Tensor]) -> MobileLLM:

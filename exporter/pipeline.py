@@ -48,9 +48,7 @@ def log(msg: str) -> None:
 
 
 def bundle_name(options: ExportOptions, ckpt: Checkpoint, target: str) -> str:
-    base = options.name or (
-        "default" if options.checkpoint is None else (ckpt.source.stem if ckpt.source.is_file() else ckpt.source.name)
-    )
+    base = options.name or ("default" if options.checkpoint is None else ckpt.name)
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).lstrip("._-").rstrip("-")[:96] or "model"
     return f"{base}-{target}-{options.quant.bits}bit"
 
@@ -138,7 +136,11 @@ def manifest_for(
             "norm_eps": cfg.norm_eps,
             "unique_params": cfg.unique_params(),
         },
-        "source": {"checkpoint": ckpt.source.name, "format": ckpt.source_format, "dtype": ckpt.source_dtype},
+        "source": {
+            "checkpoint": ckpt.hub_id or ckpt.source.name,
+            "format": ckpt.source_format,
+            "dtype": ckpt.source_dtype,
+        },
         "quantization": {
             "method": opts.method.to_dict(),
             "output_bits": scheme.output.bits,
@@ -204,7 +206,7 @@ def _export_all(
         name = bundle_name(options, ckpt, module.NAME)
         final = options.output / name
         t0 = time.time()
-        log(f"[{module.NAME}] exporting {ckpt.source.name} at {opts.bits} bits ...")
+        log(f"[{module.NAME}] exporting {ckpt.name} at {opts.bits} bits ...")
         with staging(final) as tmp:
             model = ExportModel.from_reference(ckpt.model, settings)
             quantized = quantize(model, module.quant_scheme(opts), hessians, opts.method.act_order, module.NAME)

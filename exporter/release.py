@@ -34,6 +34,7 @@ from mobilellm.validation.reports import SCHEMA_PATH as PARITY_SCHEMA_PATH
 
 from .bundle import MANIFEST, artifact_bytes, read_manifest, sha256_file, write_json
 from .errors import ParityError, UserError
+from .hub import is_hub_id, resolve_hub_id
 from .memory import human
 from .pipeline import bundle_name, failed_path, run_export
 from .quantize import QuantMethod
@@ -46,7 +47,6 @@ RELEASE_SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "release.sch
 RELEASE_JSON = "release.json"
 RELEASE_MD = "release.md"
 _BUNDLE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # as pipeline.bundle_name writes it
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Relative export cost per parameter (README: 125M took ~600 s on ExecuTorch, ~140 s on Core ML, ~10 s on
 # ONNX); only used to start the longest jobs first.
 _TARGET_COST = {"executorch": 60, "coreml": 15, "onnx": 1}
@@ -146,7 +146,7 @@ def matrix_json(jobs: list[Job]) -> str:
 
 
 def parse_checkpoints(items: list[str] | None, jobs: list[Job]) -> dict[str, Path]:
-    """`--checkpoint MODEL=PATH` per model of the recipes; every model needs one (hub ids are not resolved here)."""
+    """`--checkpoint MODEL=PATH_OR_HUB_ID` per model of the recipes; every model needs one."""
     models = {job.model: job for job in jobs}
     out: dict[str, Path] = {}
     for item in items or []:
@@ -160,20 +160,18 @@ def parse_checkpoints(items: list[str] | None, jobs: list[Job]) -> dict[str, Pat
         if model in out:
             raise UserError(f"--checkpoint: {model} is given twice")
         path = Path(value).expanduser()
-        if not path.exists():
-            if _HUB_ID.fullmatch(value):
-                raise UserError(
-                    f"--checkpoint {item}: {value} is not a local path; downloading hub ids is not supported yet: "
-                    f"download the checkpoint and pass --checkpoint {model}=PATH"
-                )
+        if is_hub_id(value):
+            path = resolve_hub_id(value)  # the cache first, else a download; resolved once, not per job
+        elif not path.exists():
             raise UserError(f"--checkpoint {item}: {path} not found")
         out[model] = path
     missing = sorted(set(models) - set(out))
     if missing:
-        hubs = [f"{m}: {models[m].hub_id}" for m in missing if models[m].hub_id]
+        hub = models[missing[0]].hub_id
         raise UserError(
-            f"no checkpoint for {', '.join(missing)}; pass --checkpoint {missing[0]}=PATH for each model"
-            + (f" (hub ids are not downloaded yet: {', '.join(hubs)})" if hubs else "")
+            f"no checkpoint for {', '.join(missing)}; pass --checkpoint {missing[0]}=PATH"
+            + (f" or --checkpoint {missing[0]}={hub}" if hub else "")
+            + " for each model"
         )
     return out
 

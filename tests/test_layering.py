@@ -22,6 +22,7 @@ ORDER = [
     "exporter.atomic",
     "exporter.bundle",
     "exporter.tokenizer",
+    "exporter.hub",
     "exporter.model",
     "exporter.checkpoint",
     "exporter.export_model",

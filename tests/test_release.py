@@ -157,7 +157,10 @@ def test_matrix_lists_every_recipe(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--checkpoint", "MobileLLM-125M=facebook/MobileLLM-125M"], "pass --checkpoint MobileLLM-125M=PATH"),
+        (
+            ["--checkpoint", "MobileLLM-125M=facebook/MobileLLM-125M"],
+            "facebook/MobileLLM-125M: not in the Hugging Face cache",
+        ),
         ([], "no checkpoint for MobileLLM-125M; pass --checkpoint MobileLLM-125M=PATH"),
         (["--checkpoint", "MobileLLM-350M=."], "no recipe is for MobileLLM-350M"),
         (["--checkpoint", "MobileLLM-125M=.", "--jobs", "0"], "--jobs must be at least 1"),
@@ -166,7 +169,11 @@ def test_matrix_lists_every_recipe(capsys: pytest.CaptureFixture[str]) -> None:
     ],
     ids=["hub-id", "no-checkpoint", "unknown-model", "jobs-0", "no-equals", "expect-without-merge"],
 )
-def test_bad_input_exits_2(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exits_2(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # empty cache, no network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run_cli(["release", str(RECIPES / "MobileLLM-125M"), *args, "--output", str(tmp_path)], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "release.json").exists()

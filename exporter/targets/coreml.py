@@ -221,7 +221,7 @@ def _metadata(model: ExportModel, ckpt: Checkpoint, opts: TargetOptions) -> dict
     runner = RunnerMetadata.of(cfg, model.settings.max_seq_len)
     meta = {
         "com.mobilellm.tool": f"mobilellm-export {tool_version}",
-        "com.mobilellm.source": str(ckpt.source.name),
+        "com.mobilellm.source": ckpt.hub_id or ckpt.source.name,
         "com.mobilellm.source_format": ckpt.source_format,
         "com.mobilellm.tokenizer": tokenizer.name if tokenizer else "",
         "com.mobilellm.tokenizer_sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest() if tokenizer else "",
