@@ -31,6 +31,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ParityError, UserError
 from .export_model import ExportModel, ExportSettings
 from .memory import human
+from .progress import stage
 from .quantize import (
     QuantizedModel,
     calibration_windows,
@@ -228,8 +229,10 @@ def _export_all(
             parity_summary = None
             if options.parity:
                 twin = fake_quantized_twin(model, quantized)
-                log(f"[{module.NAME}] computing reference and twin outputs ...")
-                golden = compute_golden({"reference": reference, "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len)
+                with stage(f"[{module.NAME}] reference and twin outputs"):
+                    golden = compute_golden(
+                        {"reference": reference, "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len
+                    )
                 golden.save(tmp / GOLDEN_FILE)
             extra = [tok_name] + [f for f in tok_files if f not in artifact.files and f != tok_name]
             files = file_entries(tmp, [*artifact.files, *extra] + ([GOLDEN_FILE] if options.parity else []))
@@ -237,7 +240,8 @@ def _export_all(
             write_json(tmp / MANIFEST, manifest)
             if options.parity:
                 runtime = module.open_runtime(tmp, manifest)
-                result = run_parity(runtime, golden, thresholds, lambda m: log(f"[{module.NAME}] parity: {m}"))
+                with stage(f"[{module.NAME}] parity through the artifact's runtime"):
+                    result = run_parity(runtime, golden, thresholds, lambda m: log(f"[{module.NAME}] parity: {m}"))
                 report = report_dict(
                     result,
                     {

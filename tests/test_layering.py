@@ -20,6 +20,7 @@ ORDER = [
     "exporter.config",
     "exporter.assets",
     "exporter.atomic",
+    "exporter.progress",
     "exporter.bundle",
     "exporter.tokenizer",
     "exporter.hub",

@@ -54,6 +54,7 @@ from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..export_model import Attend, ExportModel, decode_stack, sdpa_attention
 from ..memory import StorageBreakdown, size_report
+from ..progress import quiet_progress_bars, stage
 from ..quantize import QuantizedModel, QuantizedWeight, QuantMethod, QuantScheme, WeightQuant
 from .base import (
     ExportedArtifact,
@@ -413,18 +414,20 @@ def export(
     ]
 
     logging.getLogger("coremltools").setLevel(logging.ERROR)
-    mlmodel = ct.convert(
-        traced,
-        inputs=inputs,
-        outputs=[ct.TensorType(name="logits", dtype=np.float16)],
-        states=states,
-        minimum_deployment_target=ct.target.iOS18,
-        convert_to="mlprogram",
-        compute_precision=ct.transform.FP16ComputePrecision(op_selector=_fp16_op_selector),
-        skip_model_load=True,
-    )
+    with stage("[coreml] ct.convert (MIL, fp16 passes)"), quiet_progress_bars():
+        mlmodel = ct.convert(
+            traced,
+            inputs=inputs,
+            outputs=[ct.TensorType(name="logits", dtype=np.float16)],
+            states=states,
+            minimum_deployment_target=ct.target.iOS18,
+            convert_to="mlprogram",
+            compute_precision=ct.transform.FP16ComputePrecision(op_selector=_fp16_op_selector),
+            skip_model_load=True,
+        )
     t_convert = time.perf_counter() - t0
-    mlmodel, qdetail = _quantize(mlmodel, model, quantized)
+    with stage("[coreml] storing the quantized weights"), quiet_progress_bars():
+        mlmodel, qdetail = _quantize(mlmodel, model, quantized)
     t_quant = time.perf_counter() - t0 - t_convert
 
     meta = _metadata(model, ckpt, opts)

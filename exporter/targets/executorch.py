@@ -42,6 +42,7 @@ from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..export_model import Attend, ExportModel, decode_stack
 from ..memory import StorageBreakdown, norm_bytes, quantized_storage, rope_table_bytes, size_report
+from ..progress import stage
 from ..quantize import QuantizedModel, QuantizedWeight, QuantScheme, WeightQuant, nbytes
 from .base import (
     ExportedArtifact,
@@ -294,26 +295,29 @@ def lower_to_pte(
     times["quantize"] = time.perf_counter() - t
     with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
         t = time.perf_counter()
-        ep = torch.export.export(module, qm.example_inputs(), dynamic_shapes=qm.dynamic_shapes(), strict=False)
+        with stage("[executorch] torch.export"):
+            ep = torch.export.export(module, qm.example_inputs(), dynamic_shapes=qm.dynamic_shapes(), strict=False)
         times["torch_export"] = time.perf_counter() - t
         t = time.perf_counter()
-        edge = to_edge_transform_and_lower(
-            ep,
-            partitioner=[XnnpackPartitioner()],
-            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-            constant_methods=metadata,
-        )
+        with stage("[executorch] to_edge_transform_and_lower (XNNPACK partitioning)"):
+            edge = to_edge_transform_and_lower(
+                ep,
+                partitioner=[XnnpackPartitioner()],
+                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+                constant_methods=metadata,
+            )
         times["to_edge_transform_and_lower"] = time.perf_counter() - t
         t = time.perf_counter()
-        prog = edge.to_executorch(
-            ExecutorchBackendConfig(
-                extract_delegate_segments=True,
-                do_quant_fusion_and_const_prop=True,
-                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        with stage("[executorch] to_executorch (memory planning, serialization)"):
+            prog = edge.to_executorch(
+                ExecutorchBackendConfig(
+                    extract_delegate_segments=True,
+                    do_quant_fusion_and_const_prop=True,
+                    memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                    sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+                )
             )
-        )
-        buf = prog.buffer
+            buf = prog.buffer
         times["to_executorch"] = time.perf_counter() - t
     return buf, {k: round(v, 1) for k, v in times.items()}
 
