@@ -53,8 +53,8 @@ def export(
         None,
         "--checkpoint",
         "-c",
-        help="Hugging Face MobileLLM dir, training checkpoint-<step>/ dir, or .pt/.pth state dict. "
-        "Default: the embedded default model.",
+        help="Hugging Face MobileLLM dir, training checkpoint-<step>/ dir, .pt/.pth state dict, or a Hugging Face "
+        "id such as facebook/MobileLLM-125M (hub cache first, else downloaded). Default: the embedded default model.",
     ),
     target: Optional[TargetChoice] = typer.Option(
         None, "--target", "-t", help="Runtime to export for; 'all' exports every target. Default: all."
@@ -183,7 +183,9 @@ def parse_thresholds(items: Optional[list[str]]) -> dict[str, float]:
 
 @app.command()
 def inspect(
-    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint to describe (default: the embedded model)."),
+    checkpoint: Optional[Path] = typer.Argument(
+        None, help="Checkpoint dir, state dict or Hugging Face id to describe (default: the embedded model)."
+    ),
     config: Optional[str] = typer.Option(None, "--config", help="Preset or config.json for a bare .pt/.pth."),
     max_seq_len: int = typer.Option(512, "--max-seq-len", help="Context used for the KV-cache estimate."),
     no_ops: bool = typer.Option(
