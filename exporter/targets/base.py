@@ -1,6 +1,6 @@
 """The interface every target implements, and the facts about a bundle all targets share.
 
-A target module defines `TARGET`, an instance of a `Target` subclass (see `exporter/targets/onnx.py`):
+A target module defines `TARGET`, a `Target` (`FunctionTarget` over its functions; see `exporter/targets/onnx.py`):
 
     quant_scheme(opts)        how this target rounds weights/activations; the fake-quant twin follows it exactly
     export(model, quantized, ckpt, opts, bundle_dir)
@@ -203,7 +203,6 @@ class TargetRuntime(ABC):
 
 class Target(ABC):
     NAME: ClassVar[str]
-    RUNTIME_PACKAGE: ClassVar[str]  # the installed package that lowers and runs this target
 
     @abstractmethod
     def quant_scheme(self, opts: TargetOptions) -> QuantScheme: ...
@@ -229,3 +228,48 @@ class Target(ABC):
     ) -> GenerationResult:
         """Run the bundle with the runtime's own generation client (the one apps use), streaming text."""
         raise UserError(f"the {self.NAME} target has no generation client")
+
+
+class FunctionTarget(Target):
+    """A target given as its module's functions: each target module ends with
+    `TARGET = FunctionTarget(NAME, quant_scheme, export, open_runtime, ...)`, so the functions (with their
+    extra keyword options, used by tests and benches) stay the implementation and nothing is written twice."""
+
+    def __init__(
+        self,
+        name: str,
+        quant_scheme: Callable[[TargetOptions], QuantScheme],
+        export: Callable[..., ExportedArtifact],
+        open_runtime: Callable[[Path, dict[str, Any]], TargetRuntime],
+        generate: Callable[[Path, dict[str, Any], GenerationRequest, TextSink], GenerationResult] | None = None,
+        speed_unmeasurable_reason: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.NAME = name  # type: ignore[misc]
+        self._quant_scheme, self._export, self._open_runtime = quant_scheme, export, open_runtime
+        self._generate, self._unmeasurable = generate, speed_unmeasurable_reason
+
+    def quant_scheme(self, opts: TargetOptions) -> QuantScheme:
+        return self._quant_scheme(opts)
+
+    def export(
+        self,
+        model: ExportModel,
+        quantized: QuantizedModel,
+        ckpt: Checkpoint | None,
+        opts: TargetOptions,
+        bundle_dir: Path,
+    ) -> ExportedArtifact:
+        return self._export(model, quantized, ckpt, opts, bundle_dir)
+
+    def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime:
+        return self._open_runtime(bundle_dir, manifest)
+
+    def speed_unmeasurable_reason(self) -> str | None:
+        return None if self._unmeasurable is None else self._unmeasurable()
+
+    def generate(
+        self, bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
+    ) -> GenerationResult:
+        if self._generate is None:
+            return super().generate(bundle_dir, manifest, request, on_text)
+        return self._generate(bundle_dir, manifest, request, on_text)

@@ -58,10 +58,10 @@ from ..progress import quiet_progress_bars, stage
 from ..quantize import QuantizedModel, QuantizedWeight, QuantMethod, QuantScheme, WeightQuant
 from .base import (
     ExportedArtifact,
+    FunctionTarget,
     GenerationRequest,
     GenerationResult,
     RunnerMetadata,
-    Target,
     TargetOptions,
     TargetRuntime,
     TextSink,
@@ -643,34 +643,4 @@ def generate(
     )
 
 
-class CoreMLTarget(Target):
-    """Core ML .mlpackage: the module's functions behind the `Target` interface."""
-
-    NAME = NAME
-
-    def quant_scheme(self, opts: TargetOptions) -> QuantScheme:
-        return quant_scheme(opts)
-
-    def export(
-        self,
-        model: ExportModel,
-        quantized: QuantizedModel,
-        ckpt: Checkpoint | None,
-        opts: TargetOptions,
-        bundle_dir: Path,
-    ) -> ExportedArtifact:
-        return export(model, quantized, ckpt, opts, bundle_dir)
-
-    def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime:
-        return open_runtime(bundle_dir, manifest)
-
-    def speed_unmeasurable_reason(self) -> str | None:
-        return speed_unmeasurable_reason()
-
-    def generate(
-        self, bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
-    ) -> GenerationResult:
-        return generate(bundle_dir, manifest, request, on_text)
-
-
-TARGET = CoreMLTarget()
+TARGET = FunctionTarget(NAME, quant_scheme, export, open_runtime, generate, speed_unmeasurable_reason)

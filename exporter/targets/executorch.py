@@ -46,10 +46,10 @@ from ..progress import stage
 from ..quantize import QuantizedModel, QuantizedWeight, QuantScheme, WeightQuant, nbytes
 from .base import (
     ExportedArtifact,
+    FunctionTarget,
     GenerationRequest,
     GenerationResult,
     RunnerMetadata,
-    Target,
     TargetOptions,
     TargetRuntime,
     TextSink,
@@ -676,31 +676,4 @@ def generate(
     )
 
 
-class ExecuTorchTarget(Target):
-    """ExecuTorch .pte (XNNPACK): the module's functions behind the `Target` interface."""
-
-    NAME = NAME
-
-    def quant_scheme(self, opts: TargetOptions) -> QuantScheme:
-        return quant_scheme(opts)
-
-    def export(
-        self,
-        model: ExportModel,
-        quantized: QuantizedModel,
-        ckpt: Checkpoint | None,
-        opts: TargetOptions,
-        bundle_dir: Path,
-    ) -> ExportedArtifact:
-        return export(model, quantized, ckpt, opts, bundle_dir)
-
-    def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime:
-        return open_runtime(bundle_dir, manifest)
-
-    def generate(
-        self, bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
-    ) -> GenerationResult:
-        return generate(bundle_dir, manifest, request, on_text)
-
-
-TARGET = ExecuTorchTarget()
+TARGET = FunctionTarget(NAME, quant_scheme, export, open_runtime, generate)

@@ -56,10 +56,10 @@ from ..quantize import QuantizedModel, QuantizedWeight, QuantMethod, QuantScheme
 from ..tokenizer import write_tokenizer_json
 from .base import (
     ExportedArtifact,
+    FunctionTarget,
     GenerationRequest,
     GenerationResult,
     RunnerMetadata,
-    Target,
     TargetOptions,
     TargetRuntime,
     TextSink,
@@ -934,7 +934,9 @@ def open_runtime(bundle_dir: Path, manifest: dict[str, Any] | None = None, threa
     return OnnxRuntime(path, threads)
 
 
-def generate(bundle_dir: Path, request: GenerationRequest, on_text: TextSink) -> GenerationResult:
+def generate(
+    bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
+) -> GenerationResult:
     """onnxruntime-genai's Generator over the bundle (genai_config.json, tokenizer.json): the client apps use."""
     try:
         import onnxruntime_genai as og
@@ -998,31 +1000,4 @@ def _context_length(bundle_dir: Path) -> int:
     return int(json.loads((Path(bundle_dir) / "genai_config.json").read_text())["model"]["context_length"])
 
 
-class OnnxTarget(Target):
-    """ONNX for onnxruntime / onnxruntime-genai: the module's functions behind the `Target` interface."""
-
-    NAME = NAME
-
-    def quant_scheme(self, opts: TargetOptions) -> QuantScheme:
-        return quant_scheme(opts)
-
-    def export(
-        self,
-        model: ExportModel,
-        quantized: QuantizedModel,
-        ckpt: Checkpoint | None,
-        opts: TargetOptions,
-        bundle_dir: Path,
-    ) -> ExportedArtifact:
-        return export(model, quantized, ckpt, opts, bundle_dir)
-
-    def open_runtime(self, bundle_dir: Path, manifest: dict[str, Any]) -> TargetRuntime:
-        return open_runtime(bundle_dir, manifest)
-
-    def generate(
-        self, bundle_dir: Path, manifest: dict[str, Any], request: GenerationRequest, on_text: TextSink
-    ) -> GenerationResult:
-        return generate(bundle_dir, request, on_text)
-
-
-TARGET = OnnxTarget()
+TARGET = FunctionTarget(NAME, quant_scheme, export, open_runtime, generate)
