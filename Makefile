@@ -25,9 +25,12 @@ bench-real: $(STAMP)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@# kotlinc compiles and tests the Android demo's platform-free Kotlin (Debian's kotlin package).
-	command -v kotlinc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kotlin >/dev/null; } || \
-		echo "warning: could not install kotlin (apt-get install kotlin); the Android demo test will fail"
+	@# kotlinc compiles and tests the Android demo's platform-free Kotlin (Debian's kotlin package) against
+	@# org.json: Debian's libandroid-json-java is Android's own org.json (AOSP libcore). Debian's libjson-java
+	@# is json-lib (net.sf.json), a different library.
+	{ command -v kotlinc >/dev/null && test -f /usr/share/java/com.android.json.jar; } || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kotlin libandroid-json-java >/dev/null; } || \
+		echo "warning: could not install kotlin and libandroid-json-java (apt-get install kotlin libandroid-json-java); the Android demo test will fail"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

@@ -1,26 +1,25 @@
 package org.mobilellm.demo.core.tests
 
+import org.json.JSONArray
+import org.json.JSONObject
 import org.mobilellm.demo.core.BundleValidator
-import org.mobilellm.demo.core.Json
-import org.mobilellm.demo.core.JsonException
 import org.mobilellm.demo.core.Manifest
 import org.mobilellm.demo.core.ManifestException
 import org.mobilellm.demo.core.PromptBudget
+import org.mobilellm.demo.core.PromptIds
 import org.mobilellm.demo.core.RunnerStats
-import org.mobilellm.demo.core.Sampler
-import org.mobilellm.demo.core.SentencePieceTokenizer
 import org.mobilellm.demo.core.StopReason
 import org.mobilellm.demo.core.StopRule
-import org.mobilellm.demo.core.StreamingDecoder
 import org.mobilellm.demo.core.Throughput
 import java.io.File
 
 // A tiny main-based test runner for the platform-free Kotlin of the Android demo (no JUnit: the
-// test machine cannot download Maven artifacts). Run by tests/test_demo_apps.py:
-//   kotlinc app/src/main/java/org/mobilellm/demo/core/*.kt core-tests/CoreTests.kt -d core.jar
-//   java -cp core.jar:<kotlin-stdlib> org.mobilellm.demo.core.tests.CoreTestsKt \
-//        [--tokenizer tokenizer.model --cases cases.json] [--bundle BUNDLE_DIR]
-// Prints one line per test and "N passed, N failed" last; exits 1 if anything failed.
+// test machine cannot download Maven artifacts). org.json comes from Debian's libandroid-json-java
+// (Android's own org.json, from AOSP libcore). Run by tests/test_demo_apps.py:
+//   kotlinc -cp <json.jar> app/src/main/java/org/mobilellm/demo/core/*.kt core-tests/CoreTests.kt -d core.jar
+//   java -cp core.jar:<kotlin-stdlib>:<json.jar> org.mobilellm.demo.core.tests.CoreTestsKt [--bundle BUNDLE_DIR]...
+// Prints one line per test and "N passed, N failed" last; exits 1 if anything failed. For each
+// bundle it also prints one "BUNDLE key=value ..." line with what the app read from its manifest.
 
 private var passed = 0
 private var failed = 0
@@ -58,22 +57,10 @@ private fun manifestJson(target: String = "executorch", files: String, parity: S
  "files": $files, "parity": $parity}
 """
 
+private val TARGETS = listOf("executorch", "onnx")
+
 private fun unitTests() {
-    test("json: values, nesting, escapes, numbers") {
-        @Suppress("UNCHECKED_CAST")
-        val v = Json.parse(" {\"a\": [1, -2, 3.5, 1e3, true, false, null], \"s\": \"x\\n\\u00e9\\\"\\u2581\", \"o\": {}} ") as Map<String, Any?>
-        eq(v["a"], listOf<Any?>(1L, -2L, 3.5, 1000.0, true, false, null))
-        eq(v["s"], "x\né\"\u2581")
-        eq(v["o"], emptyMap<String, Any?>())
-        eq(Json.parse("12345678901234"), 12345678901234L)
-    }
-    test("json: malformed input is rejected with an offset") {
-        for (bad in listOf("", "{", "[1,]", "{\"a\" 1}", "01", "\"abc", "tru", "{} x", "1.", "\"\\q\"")) {
-            val e = throws<JsonException> { Json.parse(bad) }
-            check(e.message!!.contains("offset")) { "no offset in '${e.message}'" }
-        }
-    }
-    test("manifest: accessors read every key the app uses") {
+    test("manifest: org.json reads every key the app uses") {
         val m = Manifest.parse(manifestJson(files = "{}"))
         eq(m.schemaVersion, 1); eq(m.target, "executorch"); eq(m.artifact, "model.pte"); eq(m.tokenizer, "tokenizer.model")
         eq(m.maxContext, 16); eq(m.vocabSize, 10); eq(m.bosId, 1); eq(m.eosIds, listOf(2)); eq(m.bits, 4)
@@ -82,60 +69,83 @@ private fun unitTests() {
         eq(m.outputs[0].shape, listOf<Any?>(1L, "seq_len", 10L))
         eq(m.tensors("io.states").size, 0)
         eq(m.parityPassed, true)
+        eq(m.double("model.rope_theta"), 10000.0)
+        eq(m.bool("model.share_embedding"), true)
+        eq(m.stringList("artifacts"), listOf("model.pte"))
+        eq(m.long("model.unique_params"), 123L)
         eq(Manifest.parse(manifestJson(files = "{}", parity = "null")).parityPassed, null)
     }
+    test("manifest: JSON escapes and 64-bit integers come through org.json") {
+        val m = Manifest.parse("{\"name\": \"x\\n\\u00e9\\\"\\u4e2d\", \"big\": 12345678901234, \"files\": {\"b\": {\"sha256\": \"00\", \"bytes\": 5000000000}, \"a\": {\"sha256\": \"11\", \"bytes\": 1}}}")
+        eq(m.name, "x\né\"中")
+        eq(m.long("big"), 12345678901234L)
+        check(throws<ManifestException> { m.int("big") }.message!!.contains("32-bit")) { "int range" }
+        eq(m.files.keys.toList(), listOf("b", "a"), "files order")
+        eq(m.files["b"]!!.bytes, 5000000000L)
+    }
     test("manifest: missing or mistyped keys name the key") {
-        val m = Manifest.parse("{\"schema_version\": 1, \"max_context\": \"512\"}")
+        val m = Manifest.parse("{\"schema_version\": 1, \"max_context\": \"512\", \"vocab_size\": 3.5, \"eos_ids\": [2, \"x\"], \"parity\": null}")
         check(throws<ManifestException> { m.artifact }.message!!.contains("'artifact'")) { "key not named" }
         check(throws<ManifestException> { m.maxContext }.message!!.contains("'max_context'")) { "key not named" }
-        throws<ManifestException> { Manifest.parse("[1]") }
-        throws<ManifestException> { Manifest.parse("{") }
+        check(throws<ManifestException> { m.vocabSize }.message!!.contains("'vocab_size' must be an integer")) { "decimal accepted as int" }
+        check(throws<ManifestException> { m.eosIds }.message!!.contains("'eos_ids'")) { "list item type" }
+        eq(m.parityPassed, null)
+        check(throws<ManifestException> { m.string("parity.report") }.message!!.contains("parity.report")) { "null parent" }
     }
-    test("bundle validation: sizes, hashes, target, missing files, ids") {
+    test("manifest: text that is not a JSON object is refused") {
+        for (bad in listOf("", "{", "[1]", "{\"a\" 1}", "\"abc", "42")) {
+            val e = throws<ManifestException> { Manifest.parse(bad) }
+            check(e.message!!.startsWith("manifest.json is not a JSON object")) { "'$bad': ${e.message}" }
+        }
+    }
+    test("bundle validation: sizes, hashes, targets, every listed file, ids") {
         val dir = java.nio.file.Files.createTempDirectory("bundle").toFile()
         try {
             File(dir, "model.pte").writeBytes(ByteArray(100) { it.toByte() })
             File(dir, "tokenizer.model").writeBytes(ByteArray(7))
+            File(dir, "tokenizer.json").writeText("{}")
             val pteSha = BundleValidator.sha256(File(dir, "model.pte"))
             val tokSha = BundleValidator.sha256(File(dir, "tokenizer.model"))
+            val jsonSha = BundleValidator.sha256(File(dir, "tokenizer.json"))
             // sha256 of 7 zero bytes, as `sha256sum` prints it
             eq(tokSha, "837885c8f8091aeaeb9ec3c3f85a6ff470a415e610b8ba3e49f9b33c9cf9d619")
-            val good = "{\"model.pte\": {\"sha256\": \"$pteSha\", \"bytes\": 100}, \"tokenizer.model\": {\"sha256\": \"$tokSha\", \"bytes\": 7}}"
-            val ok = BundleValidator.validate(dir, Manifest.parse(manifestJson(files = good)), "executorch", checkHashes = true)
+            val good = "{\"model.pte\": {\"sha256\": \"$pteSha\", \"bytes\": 100}, \"tokenizer.model\": {\"sha256\": \"$tokSha\", \"bytes\": 7}, " +
+                "\"tokenizer.json\": {\"sha256\": \"$jsonSha\", \"bytes\": 2}}"
+            val ok = BundleValidator.validate(dir, Manifest.parse(manifestJson(files = good)), TARGETS, checkHashes = true)
             check(ok.ok) { "errors: ${ok.errors}" }
             eq(ok.warnings.size, 0)
-            val wrongTarget = BundleValidator.validate(dir, Manifest.parse(manifestJson(target = "coreml", files = good)), "executorch")
-            check(wrongTarget.errors.any { it.contains("--target executorch") }) { "${wrongTarget.errors}" }
+            check(BundleValidator.validate(dir, Manifest.parse(manifestJson(target = "onnx", files = good)), TARGETS).ok) { "onnx target" }
+            val wrongTarget = BundleValidator.validate(dir, Manifest.parse(manifestJson(target = "coreml", files = good)), TARGETS)
+            check(wrongTarget.errors.any { it.contains("--target executorch or --target onnx") }) { "${wrongTarget.errors}" }
             val badSize = good.replace("\"bytes\": 100", "\"bytes\": 99")
-            check(BundleValidator.validate(dir, Manifest.parse(manifestJson(files = badSize)), "executorch").errors.any { it.contains("99") }) { "size" }
+            check(BundleValidator.validate(dir, Manifest.parse(manifestJson(files = badSize)), TARGETS).errors.any { it.contains("99") }) { "size" }
             val badSha = good.replace(pteSha, "0".repeat(64))
-            check(!BundleValidator.validate(dir, Manifest.parse(manifestJson(files = badSha)), "executorch", checkHashes = true).ok) { "sha" }
-            check(BundleValidator.validate(dir, Manifest.parse(manifestJson(files = badSha)), "executorch", checkHashes = false).ok) { "sha skipped" }
-            val failedParity = BundleValidator.validate(dir, Manifest.parse(manifestJson(files = good, parity = "{\"passed\": false}")), "executorch")
+            check(!BundleValidator.validate(dir, Manifest.parse(manifestJson(files = badSha)), TARGETS, checkHashes = true).ok) { "sha" }
+            check(BundleValidator.validate(dir, Manifest.parse(manifestJson(files = badSha)), TARGETS, checkHashes = false).ok) { "sha skipped" }
+            val badJsonSha = good.replace(jsonSha, "0".repeat(64))
+            check(BundleValidator.validate(dir, Manifest.parse(manifestJson(files = badJsonSha)), TARGETS, checkHashes = true).errors
+                .any { it.contains("tokenizer.json sha256") }) { "sha of a file beside artifact and tokenizer" }
+            val failedParity = BundleValidator.validate(dir, Manifest.parse(manifestJson(files = good, parity = "{\"passed\": false}")), TARGETS)
             check(failedParity.ok && failedParity.warnings.any { it.contains("FAILED") }) { "parity warning" }
+            File(dir, "tokenizer.json").delete()
+            check(BundleValidator.validate(dir, Manifest.parse(manifestJson(files = good)), TARGETS).errors.any { it.contains("tokenizer.json is missing") }) {
+                "a listed file the runtime reads (tokenizer.json) is missing"
+            }
             File(dir, "tokenizer.model").delete()
-            check(BundleValidator.validate(dir, Manifest.parse(manifestJson(files = good)), "executorch").errors.any { it.contains("tokenizer.model is missing") }) { "missing" }
+            check(BundleValidator.validate(dir, Manifest.parse(manifestJson(files = good)), TARGETS).errors.any { it.contains("tokenizer.model is missing") }) { "missing" }
             val badIds = manifestJson(files = good).replace("\"bos_id\": 1", "\"bos_id\": 10")
-            check(BundleValidator.validate(dir, Manifest.parse(badIds), "executorch").errors.any { it.contains("bos_id 10") }) { "ids" }
+            check(BundleValidator.validate(dir, Manifest.parse(badIds), TARGETS).errors.any { it.contains("bos_id 10") }) { "ids" }
+            val unsafe = "{\"../x\": {\"sha256\": \"00\", \"bytes\": 1}}"
+            check(BundleValidator.validate(dir, Manifest.parse(manifestJson(files = unsafe)), TARGETS).errors.any { it.contains("unsafe path '../x'") }) { "unsafe" }
         } finally {
             dir.deleteRecursively()
         }
     }
-    test("sampler: greedy argmax, ties to lowest id, rows at an offset") {
-        eq(Sampler.argmax(floatArrayOf(0f, 3f, 3f, -1f)), 1)
-        eq(Sampler(0f).sample(floatArrayOf(9f, 9f, 0f, 1f, 5f, 2f), offset = 3, vocab = 3), 1)
-        eq(Sampler(0.8f, topK = 1, seed = 3).sample(floatArrayOf(0f, 1f, 7f, 2f)), 2)
-    }
-    test("sampler: temperature sampling follows softmax(logits / T)") {
-        val s = Sampler(1.0f, seed = 42)
-        val logits = floatArrayOf(0f, Math.log(3.0).toFloat())
-        var ones = 0
-        val n = 20000
-        for (k in 0 until n) if (s.sample(logits) == 1) ones++
-        val frac = ones.toDouble() / n
-        check(Math.abs(frac - 0.75) < 0.02) { "P(1) = $frac, expected 0.75" }
-        val cold = Sampler(0.05f, seed = 1)
-        for (k in 0 until 100) eq(cold.sample(floatArrayOf(1f, 2f, 1.5f)), 1)
+    test("prompt ids: exactly one leading BOS whether or not the tokenizer added it") {
+        eq(PromptIds.withLeadingBos(intArrayOf(1, 5, 6), 1).toList(), listOf(1, 5, 6))
+        eq(PromptIds.withLeadingBos(intArrayOf(5, 6), 1).toList(), listOf(1, 5, 6))
+        eq(PromptIds.withLeadingBos(intArrayOf(), 1).toList(), listOf(1))
+        eq(PromptIds.withLeadingBos(intArrayOf(5, 1), 1).toList(), listOf(1, 5, 1))
     }
     test("stop rule: eos ids, context full, token budget") {
         val r = StopRule(listOf(2, 7), maxContext = 10, maxNewTokens = 5)
@@ -145,13 +155,13 @@ private fun unitTests() {
         eq(r.check(4, promptTokens = 8, generated = 1), null)
         eq(r.check(4, promptTokens = 8, generated = 2), StopReason.CONTEXT_FULL)
     }
-    test("prompt budget: prompt must fit max_context; seqLen capped") {
+    test("prompt budget: prompt must fit max_context; new tokens capped") {
         val b = PromptBudget(512)
         eq(b.problem(511), null)
         check(b.problem(512)!!.contains("512")) { "message" }
         check(b.problem(0) != null) { "empty" }
-        eq(b.seqLen(10, 100), 110)
-        eq(b.seqLen(500, 100), 512)
+        eq(b.newTokens(10, 100), 100)
+        eq(b.newTokens(500, 100), 12)
         eq(b.newTokens(600, 5), 0)
     }
     test("throughput: prefill, decode and overall tokens/s") {
@@ -165,7 +175,7 @@ private fun unitTests() {
         eq(Throughput.format(12.345), "12.3 tok/s")
         eq(Throughput().decodeTokensPerSecond(), 0.0)
     }
-    test("runner stats: ExecuTorch onStats JSON") {
+    test("runner stats: ExecuTorch onStats JSON through org.json") {
         val s = RunnerStats.parse("{\"prompt_tokens\":10,\"generated_tokens\":50,\"model_load_start_ms\":1000,\"model_load_end_ms\":1250," +
             "\"inference_start_ms\":2000,\"prompt_eval_end_ms\":2100,\"first_token_ms\":2100,\"inference_end_ms\":4600," +
             "\"aggregate_sampling_time_ms\":30,\"SCALING_FACTOR_UNITS_PER_SECOND\":1000}")
@@ -173,80 +183,69 @@ private fun unitTests() {
         check(Math.abs(s.prefillTokensPerSecond - 100.0) < 1e-9) { "${s.prefillTokensPerSecond}" }
         check(Math.abs(s.decodeTokensPerSecond - 20.0) < 1e-9) { "${s.decodeTokensPerSecond}" }
         check(Math.abs(s.modelLoadMs - 250.0) < 1e-9) { "${s.modelLoadMs}" }
+        throws<org.json.JSONException> { RunnerStats.parse("not json") }
     }
 }
 
-private fun tokenizerTests(tokPath: String, casesPath: String) {
-    val tok = SentencePieceTokenizer.load(File(tokPath))
-    @Suppress("UNCHECKED_CAST")
-    val cases = Json.parse(File(casesPath).readText()) as List<Map<String, Any?>>
-    test("tokenizer: encode matches sentencepiece on ${cases.size} texts") {
-        val bad = ArrayList<String>()
-        for (c in cases) {
-            val text = c["text"] as String
-            val want = (c["ids"] as List<*>).map { (it as Long).toInt() }
-            val got = tok.encode(text).toList()
-            if (got != want) bad.add("'${text.take(60)}': got ${got.take(20)} want ${want.take(20)}")
-        }
-        check(bad.isEmpty()) { "${bad.size} mismatches, first: ${bad.take(3)}" }
+/** The id the bundle's tokenizer.json BOS template puts first (what genai with add_special_tokens and
+ *  swift-transformers apply), or null when it has no template that starts with a special token. */
+private fun templateBos(tokenizerJson: JSONObject): Int? {
+    val pp = tokenizerJson.optJSONObject("post_processor") ?: return null
+    val candidates = ArrayList<JSONObject>()
+    candidates.add(pp)
+    val nested: JSONArray? = pp.optJSONArray("processors")
+    if (nested != null) for (k in 0 until nested.length()) candidates.add(nested.getJSONObject(k))
+    for (p in candidates) {
+        if (p.optString("type") != "TemplateProcessing") continue
+        val first = p.getJSONArray("single").getJSONObject(0).optJSONObject("SpecialToken") ?: continue
+        return p.getJSONObject("special_tokens").getJSONObject(first.getString("id")).getJSONArray("ids").getInt(0)
     }
-    test("tokenizer: decode matches sentencepiece") {
-        val bad = ArrayList<String>()
-        for (c in cases) {
-            val ids = (c["ids"] as List<*>).map { (it as Long).toInt() }.toIntArray()
-            val want = c["decoded"] as String
-            val got = tok.decode(ids)
-            if (got != want) bad.add("got '${got.take(60)}' want '${want.take(60)}'")
-        }
-        check(bad.isEmpty()) { "${bad.size} mismatches, first: ${bad.take(3)}" }
-    }
-    test("tokenizer: streaming decode equals full decode, never shows partial UTF-8") {
-        for (c in cases) {
-            val ids = (c["ids"] as List<*>).map { (it as Long).toInt() }
-            val d = StreamingDecoder(tok, startOfText = true)
-            val sb = StringBuilder()
-            for (id in ids) {
-                val delta = d.push(id)
-                check(!delta.contains('\uFFFD') || (c["decoded"] as String).contains('\uFFFD')) { "partial UTF-8 shown for '${c["text"]}'" }
-                sb.append(delta)
-            }
-            eq(sb.toString(), c["decoded"] as String, "stream of '${(c["text"] as String).take(40)}'")
-        }
-    }
-    test("tokenizer: BOS/EOS ids and control pieces") {
-        eq(tok.encode("hello", addBos = true)[0], tok.bosId)
-        eq(tok.decode(intArrayOf(tok.bosId, tok.eosId)), "")
-    }
+    return null
 }
 
 private fun bundleTests(dirPath: String) {
     val dir = File(dirPath)
-    test("real bundle: manifest parses and validates (sizes + sha256) as an executorch bundle") {
-        val m = Manifest.load(dir)
-        val r = BundleValidator.validate(dir, m, m.target, checkHashes = true)
+    val m = Manifest.load(dir)
+    test("real ${m.target} bundle: manifest parses and validates (sizes + sha256 of every file)") {
+        val r = BundleValidator.validate(dir, m, TARGETS, checkHashes = true)
         check(r.ok) { "errors: ${r.errors}" }
-        eq(m.target, "executorch")
-        println("  bundle ${m.name}: ${m.artifact}, ${m.tokenizer}, max_context ${m.maxContext}, vocab ${m.vocabSize}, bos ${m.bosId}, eos ${m.eosIds}, parity ${m.parityPassed}, warnings ${r.warnings}")
+        check(m.target in TARGETS) { m.target }
+        check(File(dir, m.tokenizer).isFile) { "tokenizer ${m.tokenizer} missing" }
+        println("BUNDLE target=${m.target} tokenizer=${m.tokenizer} bos=${m.bosId} eos=${m.eosIds.joinToString(",")} " +
+            "max_context=${m.maxContext} vocab=${m.vocabSize} parity=${m.parityPassed} warnings=${r.warnings.size}")
     }
-    test("real bundle: tokenizer named by the manifest agrees with manifest ids") {
-        val m = Manifest.load(dir)
-        val tok = SentencePieceTokenizer.load(File(dir, m.tokenizer))
-        eq(tok.vocabSize, m.vocabSize, "vocab")
-        eq(tok.bosId, m.bosId, "bos")
-        check(m.eosIds.contains(tok.eosId)) { "eos ${tok.eosId} not in ${m.eosIds}" }
-        val ids = tok.encode("And God said, Let there be light", addBos = true)
-        check(PromptBudget(m.maxContext).problem(ids.size) == null) { "short prompt rejected" }
+    test("real ${m.target} bundle: the tokenizer.json the runtimes read puts manifest bos_id first") {
+        // Every bundle carries tokenizer.json + tokenizer_config.json (listed in files) beside the original file.
+        check(m.files.containsKey("tokenizer.json") && m.files.containsKey("tokenizer_config.json")) { "files: ${m.files.keys}" }
+        val tok = JSONObject(File(dir, "tokenizer.json").readText())
+        eq(templateBos(tok), m.bosId, "BOS template of tokenizer.json")
+        val added = tok.getJSONArray("added_tokens")
+        val ids = (0 until added.length()).map { added.getJSONObject(it).getInt("id") }
+        check(ids.contains(m.bosId)) { "bos_id ${m.bosId} is not a special token of tokenizer.json ($ids)" }
+        check(m.eosIds.all { ids.contains(it) }) { "eos_ids ${m.eosIds} are not all special tokens of tokenizer.json ($ids)" }
+        val config = JSONObject(File(dir, "tokenizer_config.json").readText())
+        eq(config.optBoolean("add_bos_token", false), true, "tokenizer_config.json add_bos_token")
+    }
+    if (m.target == "onnx") {
+        test("real onnx bundle: genai_config.json (what onnxruntime-genai reads) agrees with the manifest") {
+            check(m.files.containsKey("genai_config.json")) { "no genai_config.json in files ${m.files.keys}" }
+            val model = JSONObject(File(dir, "genai_config.json").readText()).getJSONObject("model")
+            eq(model.getInt("bos_token_id"), m.bosId, "bos_token_id")
+            val eos = model.get("eos_token_id")
+            val eosIds = if (eos is JSONArray) (0 until eos.length()).map { eos.getInt(it) } else listOf((eos as Number).toInt())
+            eq(eosIds, m.eosIds, "eos_token_id")
+            eq(model.getInt("context_length"), m.maxContext, "context_length")
+            eq(model.getInt("vocab_size"), m.vocabSize, "vocab_size")
+        }
     }
 }
 
 fun main(args: Array<String>) {
-    fun arg(name: String): String? { val k = args.indexOf(name); return if (k >= 0 && k + 1 < args.size) args[k + 1] else null }
     unitTests()
-    val tokPath = arg("--tokenizer")
-    val casesPath = arg("--cases")
-    if (tokPath != null && casesPath != null) tokenizerTests(tokPath, casesPath)
-    val bundle = arg("--bundle")
-    if (bundle != null) bundleTests(bundle)
+    var k = 0
+    while (k < args.size) {
+        if (args[k] == "--bundle" && k + 1 < args.size) { bundleTests(args[k + 1]); k += 2 } else throw IllegalArgumentException("unknown argument ${args[k]}")
+    }
     println("$passed passed, $failed failed")
     if (failed > 0) System.exit(1)
 }

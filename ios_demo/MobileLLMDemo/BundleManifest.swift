@@ -148,8 +148,10 @@ extension DecodingError {
     }
 }
 
-/// Checks a bundle folder against its manifest: schema version, target, files present with the
-/// recorded sizes, ids in range. Returns (errors, warnings).
+/// Checks a bundle folder against its manifest: schema version, target, artifact and tokenizer recorded
+/// in `files`, every file of `files` present with the recorded size (the tokenizer library and the
+/// runtimes read more than the artifact: tokenizer.json, tokenizer_config.json), ids in range.
+/// Returns (errors, warnings).
 enum BundleValidator {
     static func validate(_ dir: URL, _ m: BundleManifest, expectedTarget: String) -> (errors: [String], warnings: [String]) {
         var errors: [String] = []
@@ -160,25 +162,25 @@ enum BundleValidator {
         if m.target != expectedTarget {
             errors.append("bundle target is '\(m.target)', this screen runs '\(expectedTarget)' bundles (export with --target \(expectedTarget))")
         }
+        func unsafe(_ rel: String) -> Bool { rel.isEmpty || rel.hasPrefix("/") || rel.split(separator: "/").contains("..") }
         for rel in [m.artifact, m.tokenizer] {
-            if rel.isEmpty || rel.hasPrefix("/") || rel.split(separator: "/").contains("..") {
-                errors.append("manifest names an unsafe path '\(rel)'"); continue
-            }
-            let url = dir.appendingPathComponent(rel)
+            if unsafe(rel) { errors.append("manifest names an unsafe path '\(rel)'"); continue }
             var isDir: ObjCBool = false
-            guard FileManager.default.fileExists(atPath: url.path, isDirectory: &isDir) else {
+            guard FileManager.default.fileExists(atPath: dir.appendingPathComponent(rel).path, isDirectory: &isDir) else {
                 errors.append("\(rel) is missing from the bundle folder"); continue
             }
             // A directory artifact (.mlpackage) is recorded file by file under "<dir>/...".
-            let entries = m.files.filter { isDir.boolValue ? $0.key.hasPrefix(rel + "/") : $0.key == rel }
-            if entries.isEmpty { errors.append("\(rel) has no entry in manifest files") }
-            for (name, entry) in entries {
-                let size = (try? FileManager.default.attributesOfItem(atPath: dir.appendingPathComponent(name).path)[.size] as? NSNumber)?.int64Value
-                if size == nil {
-                    errors.append("\(name) is missing from the bundle")
-                } else if size != entry.bytes {
-                    errors.append("\(name) is \(size!) bytes, the manifest recorded \(entry.bytes) (incomplete copy?)")
-                }
+            if !m.files.keys.contains(where: { isDir.boolValue ? $0.hasPrefix(rel + "/") : $0 == rel }) {
+                errors.append("\(rel) has no entry in manifest files")
+            }
+        }
+        for (name, entry) in m.files.sorted(by: { $0.key < $1.key }) {
+            if unsafe(name) { errors.append("manifest names an unsafe path '\(name)'"); continue }
+            let size = (try? FileManager.default.attributesOfItem(atPath: dir.appendingPathComponent(name).path)[.size] as? NSNumber)?.int64Value
+            if size == nil {
+                errors.append("\(name) is missing from the bundle")
+            } else if size != entry.bytes {
+                errors.append("\(name) is \(size!) bytes, the manifest recorded \(entry.bytes) (incomplete copy?)")
             }
         }
         let vocab = 0..<max(0, m.vocabSize)

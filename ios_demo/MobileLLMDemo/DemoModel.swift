@@ -1,6 +1,7 @@
 import CoreML
 import Foundation
 import SwiftUI
+import Tokenizers
 
 /// Set from the UI, read by the generation task.
 final class StopFlag: @unchecked Sendable {
@@ -40,8 +41,9 @@ enum ComputeChoice: String, CaseIterable, Identifiable {
 ///
 /// Bundles are looked for in the app's Documents folder (Finder / Files app: the app enables file
 /// sharing), in a `Bundles` folder reference inside the app, or imported with the folder picker.
-/// Core ML bundles run with CoreMLRunner; ExecuTorch bundles run when the ExecuTorch Swift package is
-/// linked (ExecuTorchRunner), see README.
+/// Core ML bundles run with CoreMLRunner, tokenized by swift-transformers' Tokenizers (AutoTokenizer
+/// reads the bundle's tokenizer.json + tokenizer_config.json); ExecuTorch bundles run when the
+/// ExecuTorch Swift package is linked (ExecuTorchRunner: its runner tokenizes), see README.
 @MainActor
 final class DemoModel: ObservableObject {
     @Published var bundles: [URL] = []
@@ -58,7 +60,8 @@ final class DemoModel: ObservableObject {
     @Published var compute: ComputeChoice = .cpuAndNeuralEngine
 
     private var manifest: BundleManifest?
-    private var tokenizer: SentencePieceTokenizer?
+    /// swift-transformers' tokenizer of a Core ML bundle (ExecuTorch's runner tokenizes by itself).
+    private var tokenizer: Tokenizer?
     private var coreml: CoreMLRunner?
     #if canImport(ExecuTorchLLM)
     private var executorch: ExecuTorchRunner?
@@ -109,6 +112,7 @@ final class DemoModel: ObservableObject {
         guard let dir = selection else { info = "Pick a bundle first."; return }
         loaded = false
         coreml = nil
+        tokenizer = nil
         #if canImport(ExecuTorchLLM)
         executorch = nil
         #endif
@@ -120,12 +124,13 @@ final class DemoModel: ObservableObject {
                 info = "Cannot use \(dir.lastPathComponent):\n• " + check.errors.joined(separator: "\n• ")
                 return
             }
-            let tok = try SentencePieceTokenizer(contentsOf: dir.appendingPathComponent(m.tokenizer))
-            guard tok.vocabSize == m.vocabSize else {
-                throw DemoError.tokenizer("\(m.tokenizer) has \(tok.vocabSize) pieces but manifest vocab_size is \(m.vocabSize); re-export the bundle")
-            }
+            var tok: Tokenizer? = nil
             switch m.target {
             case "coreml":
+                info = "Loading the tokenizer (swift-transformers)…"
+                let t = try await AutoTokenizer.from(modelFolder: dir)
+                try Self.checkTokenizer(t, m)
+                tok = t
                 info = "Compiling and loading \(m.artifact) (first load compiles the model; later loads reuse it)…"
                 coreml = try await CoreMLRunner.load(bundleDir: dir, manifest: m, computeUnits: compute.units)
             case "executorch":
@@ -142,8 +147,9 @@ final class DemoModel: ObservableObject {
             maxContext = m.maxContext
             maxNewTokens = min(maxNewTokens, Double(max(1, m.maxContext - 1)))
             let parity = m.parity.map { $0.passed ? "passed" : "FAILED" } ?? "not run"
+            let tokenizedBy = m.target == "coreml" ? "swift-transformers (tokenizer.json)" : "ExecuTorch's runner (\(m.tokenizer))"
             var lines = [
-                "\(m.name): \(m.artifact) (\(m.bits)-bit), \(m.tokenizer)",
+                "\(m.name): \(m.artifact) (\(m.bits)-bit), tokenized by \(tokenizedBy)",
                 "model: dim \(m.model.dim), \(m.model.nLayers) stored / \(m.model.nApplied) applied blocks (\(m.model.layerSharing) sharing)",
                 "context \(m.maxContext) tokens, vocab \(m.vocabSize), BOS \(m.bosId), EOS \(m.eosIds)",
                 "inputs \(m.io.inputs); outputs \(m.io.outputs); \(m.io.states?.count ?? 0) state tensors",
@@ -157,6 +163,18 @@ final class DemoModel: ObservableObject {
         }
     }
 
+    /// The bundle's tokenizer.json must agree with the manifest: its BOS is manifest bos_id (what the model
+    /// was trained with first, and what the export's parity check fed), its ids lie inside vocab_size.
+    nonisolated static func checkTokenizer(_ tok: Tokenizer, _ m: BundleManifest) throws {
+        if let bos = tok.bosTokenId, bos != m.bosId {
+            throw DemoError.tokenizer("the bundle's tokenizer has BOS \(bos) but manifest bos_id is \(m.bosId); re-export the bundle")
+        }
+        let probe = tok.encode(text: "a")
+        guard probe.allSatisfy({ (0..<m.vocabSize).contains($0) }) else {
+            throw DemoError.tokenizer("the bundle's tokenizer gives ids outside vocab_size \(m.vocabSize): \(probe); re-export the bundle")
+        }
+    }
+
     func stop() {
         stopFlag.set(true)
         #if canImport(ExecuTorchLLM)
@@ -165,40 +183,50 @@ final class DemoModel: ObservableObject {
     }
 
     func generate() {
-        guard let m = manifest, let tok = tokenizer else { return }
-        let ids = [m.bosId] + tok.encode(prompt)
-        if let problem = PromptBudget(maxContext: m.maxContext).problem(promptTokens: ids.count) {
-            stats = problem
-            return
+        guard let m = manifest else { return }
+        if prompt.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty { stats = "the prompt is empty"; return }
+        // Core ML: swift-transformers encodes (tokenizer.json's BOS template adds BOS; withLeadingBos makes
+        // sure manifest bos_id leads exactly once). ExecuTorch: the runner encodes, with one BOS (bosCount).
+        var ids: [Int] = []
+        if let tok = tokenizer {
+            ids = withLeadingBos(tok.encode(text: prompt), bosId: m.bosId)
+            if let problem = PromptBudget(maxContext: m.maxContext).problem(promptTokens: ids.count) {
+                stats = problem
+                return
+            }
+            stats = "prompt \(ids.count) tokens of \(m.maxContext)"
+        } else {
+            stats = "context \(m.maxContext) tokens; generating…"
         }
         output = prompt
-        stats = "prompt \(ids.count) tokens of \(m.maxContext)"
         running = true
         stopFlag.set(false)
         let maxNew = Int(maxNewTokens)
         let temperature = Float(self.temperature)
         let flag = stopFlag
         let coreml = self.coreml
+        let tok = self.tokenizer
         #if canImport(ExecuTorchLLM)
         let executorch = self.executorch
         #endif
         let promptText = prompt
+        let promptIds = ids
 
         // DemoModel lives as long as the app (a @StateObject of the root view): capture it strongly.
         Task.detached(priority: .userInitiated) {
             do {
-                if let runner = coreml {
-                    try await DemoModel.runCoreML(runner, m, tok, ids, maxNew, temperature, flag) { delta, line in
+                if let runner = coreml, let tok = tok {
+                    try await DemoModel.runCoreML(runner, m, tok, promptIds, maxNew, temperature, flag) { delta, line in
                         await self.show(delta, line)
                     }
                 }
                 #if canImport(ExecuTorchLLM)
                 if let et = executorch {
                     let box = ThroughputBox()
-                    box.start(promptTokens: ids.count)
-                    try et.generate(promptText, sequenceLength: min(m.maxContext, ids.count + maxNew), temperature: temperature) { token in
+                    box.start(promptTokens: 0) // the runner counts the prompt; its length is not known here
+                    try et.generate(promptText, maxNewTokens: maxNew, temperature: temperature) { token in
                         let t = box.token()
-                        let line = "\(t.generated) tokens · prefill \(Throughput.format(t.prefillTokensPerSecond)) · decode \(Throughput.format(t.decodeTokensPerSecond))"
+                        let line = "\(t.generated) tokens · decode \(Throughput.format(t.decodeTokensPerSecond))"
                         // Main-queue FIFO keeps tokens in order (separate Tasks could reorder them).
                         DispatchQueue.main.async { MainActor.assumeIsolated { self.show(token, line) } }
                     }
@@ -223,13 +251,14 @@ final class DemoModel: ObservableObject {
     private func finish() { running = false }
 
     /// Prefill in chunks the model accepts, then decode one token at a time with the KV cache in MLState.
-    nonisolated private static func runCoreML(_ runner: CoreMLRunner, _ m: BundleManifest, _ tok: SentencePieceTokenizer, _ ids: [Int],
+    nonisolated private static func runCoreML(_ runner: CoreMLRunner, _ m: BundleManifest, _ tok: Tokenizer, _ ids: [Int],
                                               _ maxNew: Int, _ temperature: Float, _ flag: StopFlag,
                                               emit: (String, String?) async -> Void) async throws {
         let state = runner.makeState() // fresh KV cache for this request
         var sampler = Sampler(temperature: temperature)
         let rule = StopRule(eosIds: Set(m.eosIds), maxContext: m.maxContext, maxNewTokens: maxNew)
-        let decoder = StreamingDecoder(tok, startOfText: false)
+        // The prompt is the decoding context, so the first word keeps its leading space.
+        let text = TextStream(context: ids) { tok.decode(tokens: $0, skipSpecialTokens: true) }
         var throughput = Throughput()
         throughput.start(promptTokens: ids.count)
         var logits: [Float] = []
@@ -244,7 +273,8 @@ final class DemoModel: ObservableObject {
             generated += 1
             throughput.token()
             let reason: StopReason? = flag.isSet ? .user : rule.check(token: next, promptTokens: ids.count, generated: generated)
-            let delta = rule.isEos(next) ? "" : decoder.push(next)
+            var delta = rule.isEos(next) ? "" : text.push(next)
+            if reason != nil { delta += text.finish() }
             var line = "\(generated) tokens · prefill \(Throughput.format(throughput.prefillTokensPerSecond)) · decode \(Throughput.format(throughput.decodeTokensPerSecond))"
             if let r = reason { line += "\n\(r.rawValue)" }
             await emit(delta, line)

@@ -1,7 +1,8 @@
 import Foundation
 
-// Sampling, stop rules, context budget and tokens/s; mirrors the Android demo's Kotlin
-// (android_demo/app/src/main/java/org/mobilellm/demo/core/Generation.kt), which is unit-tested.
+// Sampling, stop rules, context budget, the BOS rule, streamed text and tokens/s for the Core ML loop.
+// Tokenizing is swift-transformers' (Tokenizers); the stop rule, budget and BOS rule follow the Android
+// demo's Kotlin (android_demo/app/src/main/java/org/mobilellm/demo/core/Generation.kt), which is unit-tested.
 
 /// Greedy (temperature <= 0) or temperature sampling with optional top-k.
 struct Sampler {
@@ -90,6 +91,49 @@ struct PromptBudget {
             return "the prompt is \(promptTokens) tokens but this bundle's context (max_context) is \(maxContext) tokens: shorten the prompt to at most \(maxPromptTokens) tokens, or re-export with a larger --max-seq-len"
         }
         return nil
+    }
+}
+
+/// MobileLLM is trained with BOS first, and the exporter's parity check feeds manifest bos_id first.
+/// swift-transformers applies tokenizer.json's BOS template when encoding; this makes it exactly one
+/// BOS either way, so a tokenizer without the template still gives the model what it was trained on.
+func withLeadingBos(_ ids: [Int], bosId: Int) -> [Int] {
+    ids.first == bosId ? ids : [bosId] + ids
+}
+
+/// Text as it is generated, from any tokenizer's decode of a list of ids: re-decodes context + generated
+/// ids each step and emits what was added. Decoding with the prompt as context keeps the space that
+/// SentencePiece-style tokenizers put before a word (decoding the new ids alone would strip it); text
+/// ending in U+FFFD is held back until the next id completes the character (byte-fallback pieces).
+final class TextStream {
+    private let decode: ([Int]) -> String
+    private var ids: [Int]
+    private var emitted: [Unicode.Scalar]
+
+    init(context: [Int], decode: @escaping ([Int]) -> String) {
+        self.decode = decode
+        ids = context
+        emitted = Array(decode(context).unicodeScalars)
+    }
+
+    /// The text `id` adds ("" while a character is incomplete).
+    func push(_ id: Int) -> String {
+        ids.append(id)
+        let text = decode(ids)
+        return text.hasSuffix("\u{FFFD}") ? "" : delta(Array(text.unicodeScalars))
+    }
+
+    /// Whatever is still held back (call once generation stopped).
+    func finish() -> String { delta(Array(decode(ids).unicodeScalars)) }
+
+    /// Compares Unicode scalars, not Characters: a combining mark arriving later changes the last
+    /// Character of the emitted text but only appends scalars. Text already shown stays: if a decoder
+    /// ever rewrites it, only the scalars past what was shown are emitted.
+    private func delta(_ now: [Unicode.Scalar]) -> String {
+        var out = ""
+        out.unicodeScalars.append(contentsOf: now[min(emitted.count, now.count)...])
+        emitted = now
+        return out
     }
 }
 

@@ -1,11 +1,10 @@
 import Foundation
+import Tokenizers
 import XCTest
 @testable import MobileLLMCore
 
-// Mirrors android_demo/core-tests/CoreTests.kt. Optional real-data tests read:
-//   MOBILELLM_TOKENIZER=path/to/tokenizer.model MOBILELLM_TOKENIZER_CASES=cases.json (a list of
-//   {"text", "ids", "decoded"} written from the Python sentencepiece package, as tests/test_demo_apps.py does)
-//   MOBILELLM_BUNDLE=path/to/bundle
+// Mirrors android_demo/core-tests/CoreTests.kt. The real-bundle test reads MOBILELLM_BUNDLE=path/to/bundle
+// (a Core ML or ExecuTorch bundle) and loads its tokenizer with swift-transformers, as the app does.
 final class MobileLLMCoreTests: XCTestCase {
     static let manifestJSON = """
     {"schema_version": 1, "name": "t-coreml-4bit", "target": "coreml", "artifact": "model.mlpackage",
@@ -70,29 +69,52 @@ final class MobileLLMCoreTests: XCTestCase {
         XCTAssertEqual(t.decodeTokensPerSecond, 10, accuracy: 1e-9)
     }
 
-    func testTokenizerMatchesSentencePiece() throws {
-        let env = ProcessInfo.processInfo.environment
-        guard let tokPath = env["MOBILELLM_TOKENIZER"], let casesPath = env["MOBILELLM_TOKENIZER_CASES"] else {
-            throw XCTSkip("set MOBILELLM_TOKENIZER and MOBILELLM_TOKENIZER_CASES")
-        }
-        struct Case: Decodable { let text: String; let ids: [Int]; let decoded: String }
-        let tok = try SentencePieceTokenizer(contentsOf: URL(fileURLWithPath: tokPath))
-        let cases = try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: casesPath)))
-        for c in cases {
-            XCTAssertEqual(tok.encode(c.text), c.ids, c.text)
-            XCTAssertEqual(tok.decode(c.ids), c.decoded, c.text)
-            let stream = StreamingDecoder(tok, startOfText: true)
-            XCTAssertEqual(c.ids.map { stream.push($0) }.joined(), c.decoded, c.text)
-        }
+    func testLeadingBos() {
+        XCTAssertEqual(withLeadingBos([1, 5, 6], bosId: 1), [1, 5, 6])
+        XCTAssertEqual(withLeadingBos([5, 6], bosId: 1), [1, 5, 6])
+        XCTAssertEqual(withLeadingBos([], bosId: 1), [1])
     }
 
-    func testRealBundle() throws {
+    func testTextStream() {
+        // Toy ids to text: 1 = BOS (dropped), 10 = "a", 11 = " b", 20/21 = the two UTF-8 bytes of "é"
+        // (a lone first byte decodes to U+FFFD, like byte-fallback pieces), 30 = combining acute accent.
+        func toyText(_ ids: [Int]) -> String {
+            var bytes: [UInt8] = []
+            for id in ids {
+                switch id {
+                case 10: bytes += Array("a".utf8)
+                case 11: bytes += Array(" b".utf8)
+                case 20: bytes.append(0xC3)
+                case 21: bytes.append(0xA9)
+                case 30: bytes += Array("\u{0301}".utf8)
+                default: break
+                }
+            }
+            return String(decoding: bytes, as: UTF8.self)
+        }
+        let stream = TextStream(context: [1, 10], decode: toyText)
+        XCTAssertEqual(stream.push(11), " b")
+        XCTAssertEqual(stream.push(20), "") // half a character: held back
+        XCTAssertEqual(stream.push(21), "é")
+        XCTAssertEqual(stream.push(30), "\u{0301}")
+        XCTAssertEqual(stream.finish(), "")
+        let cut = TextStream(context: [1], decode: toyText)
+        XCTAssertEqual(cut.push(20), "")
+        XCTAssertEqual(cut.finish(), "\u{FFFD}") // generation stopped mid-character: shown as is
+    }
+
+    func testRealBundle() async throws {
         guard let path = ProcessInfo.processInfo.environment["MOBILELLM_BUNDLE"] else { throw XCTSkip("set MOBILELLM_BUNDLE") }
         let dir = URL(fileURLWithPath: path)
         let m = try BundleManifest.load(from: dir)
         XCTAssertEqual(BundleValidator.validate(dir, m, expectedTarget: m.target).errors, [])
-        let tok = try SentencePieceTokenizer(contentsOf: dir.appendingPathComponent(m.tokenizer))
-        XCTAssertEqual(tok.vocabSize, m.vocabSize)
-        XCTAssertEqual(tok.bosId, m.bosId)
+        // What the app does for Core ML bundles: swift-transformers reads tokenizer.json + tokenizer_config.json.
+        let tok = try await AutoTokenizer.from(modelFolder: dir)
+        XCTAssertEqual(tok.bosTokenId, m.bosId)
+        let ids = tok.encode(text: "And God said, Let there be light")
+        XCTAssertEqual(ids.first, m.bosId) // the BOS template, without withLeadingBos's help
+        XCTAssertEqual(withLeadingBos(ids, bosId: m.bosId), ids)
+        XCTAssertTrue(ids.allSatisfy { (0..<m.vocabSize).contains($0) })
+        XCTAssertEqual(tok.decode(tokens: ids, skipSpecialTokens: true), "And God said, Let there be light")
     }
 }

@@ -1,21 +1,25 @@
 package org.mobilellm.demo
 
+import ai.onnxruntime.genai.Generator
+import ai.onnxruntime.genai.GeneratorParams
+import ai.onnxruntime.genai.Model
+import ai.onnxruntime.genai.Tokenizer
 import org.mobilellm.demo.core.Manifest
 import org.mobilellm.demo.core.PromptBudget
+import org.mobilellm.demo.core.PromptIds
 import org.mobilellm.demo.core.RunnerStats
-import org.mobilellm.demo.core.Sampler
-import org.mobilellm.demo.core.SentencePieceTokenizer
 import org.mobilellm.demo.core.StopReason
 import org.mobilellm.demo.core.StopRule
-import org.mobilellm.demo.core.StreamingDecoder
-import org.mobilellm.demo.core.TensorSpec
 import org.mobilellm.demo.core.Throughput
-import org.pytorch.executorch.EValue
-import org.pytorch.executorch.Module
-import org.pytorch.executorch.Tensor
 import org.pytorch.executorch.extension.llm.LlmCallback
 import org.pytorch.executorch.extension.llm.LlmModule
 import java.io.File
+
+// The app carries no tokenizer: each runtime tokenizes with the bundle's files itself. ExecuTorch's
+// LlmModule (its C++ TextLLMRunner, tokenizers from pytorch-tokenizers) reads the original file manifest
+// `tokenizer` names: tokenizer.model, or tokenizer.json for byte-level BPE checkpoints (ExecuTorch 1.5.1's
+// runner refuses the tokenizer.json converted from a SentencePiece model). onnxruntime-genai's Tokenizer
+// reads the tokenizer.json + tokenizer_config.json beside genai_config.json in the bundle folder.
 
 /** What the UI hears while a generation runs (called on the generation thread). */
 interface GenerationListener {
@@ -25,21 +29,12 @@ interface GenerationListener {
     fun onDone(reason: String)
 }
 
-/** A loaded bundle: its folder, manifest and the SentencePiece tokenizer the manifest names. */
+/** A checked bundle: its folder and manifest. */
 class LoadedBundle(val dir: File, val manifest: Manifest) {
     val modelFile: File = File(dir, manifest.artifact)
+    /** The original tokenizer file (manifest `tokenizer`); tokenizer.json sits beside it in every bundle. */
     val tokenizerFile: File = File(dir, manifest.tokenizer)
-    val tokenizer: SentencePieceTokenizer = SentencePieceTokenizer.load(tokenizerFile)
     val budget = PromptBudget(manifest.maxContext)
-
-    /** Prompt ids as the model sees them: manifest bos_id first. */
-    fun promptIds(prompt: String): IntArray {
-        val body = tokenizer.encode(prompt, addBos = false)
-        val ids = IntArray(body.size + 1)
-        ids[0] = manifest.bosId
-        System.arraycopy(body, 0, ids, 1, body.size)
-        return ids
-    }
 }
 
 interface Engine {
@@ -50,135 +45,136 @@ interface Engine {
 }
 
 /**
- * ExecuTorch's stock LLM runner through the AAR's LlmModule: it tokenizes, prefills, samples and
- * stops on the .pte's get_eos_ids metadata itself. The app checks the prompt against manifest
- * max_context first and derives seqLen (prompt + new tokens) from it.
+ * ExecuTorch bundles: the AAR's LlmModule, i.e. ExecuTorch's stock C++ TextLLMRunner. It tokenizes
+ * with the bundle's tokenizer file, prefills, samples and stops on the .pte's get_eos_ids metadata
+ * itself; the app never sees token ids.
+ *
+ * BOS: generate(prompt, seqLen, callback, echo, temperature, numBos = 1, numEos = 0) asks the runner
+ * for one BOS (its default is 0, and MobileLLM is trained with BOS first). With tokenizer.model the
+ * SentencePiece tokenizer prepends one BOS; with tokenizer.json pytorch-tokenizers applies the file's
+ * BOS template when numBos > 0. The id is the tokenizer's, the same as manifest bos_id.
+ *
+ * Length: the runner counts the prompt itself and refuses one that does not fit max_context (an
+ * ExecutorchRuntimeException, shown to the user); seqLen = manifest max_context lets it use the whole
+ * cache and the app calls stop() once `maxNewTokens` pieces have arrived.
  */
 class LlmModuleEngine(private val bundle: LoadedBundle, temperature: Float) : Engine {
     override val label = "ExecuTorch LlmModule"
     private val module = LlmModule(bundle.modelFile.absolutePath, bundle.tokenizerFile.absolutePath, temperature)
 
     init {
-        // load() returns an error code in older AARs and throws in newer ones; accept both.
-        val status: Any? = module.load()
-        if (status is Int && status != 0) throw IllegalStateException("LlmModule.load() failed with ExecuTorch error $status")
+        module.load() // throws ExecutorchRuntimeException when the program or tokenizer cannot be loaded
     }
 
     override fun generate(prompt: String, maxNewTokens: Int, temperature: Float, listener: GenerationListener) {
-        val promptTokens = bundle.promptIds(prompt).size
-        val problem = bundle.budget.problem(promptTokens)
-        if (problem != null) { listener.onDone(problem); return }
-        val seqLen = bundle.budget.seqLen(promptTokens, maxNewTokens)
+        val maxContext = bundle.manifest.maxContext
         val throughput = Throughput()
-        throughput.start(System.nanoTime(), promptTokens)
+        throughput.start(System.nanoTime(), 0) // prompt length comes with the runner's stats
         val callback = object : LlmCallback {
             override fun onResult(result: String) {
+                if (throughput.generated >= maxNewTokens) return // pieces the runner made before it saw stop()
                 throughput.token(System.nanoTime())
                 listener.onText(result)
                 listener.onProgress(throughput)
+                if (throughput.generated >= maxNewTokens) module.stop()
             }
 
             override fun onStats(stats: String) {
                 try { listener.onRunnerStats(RunnerStats.parse(stats)) } catch (e: Exception) { /* stats are informational */ }
             }
         }
-        val status = runGenerate(prompt, seqLen, callback, temperature)
-        listener.onDone(if (status is Int && status != 0) "ExecuTorch error $status" else "done (${throughput.generated} tokens)")
-    }
-
-    /**
-     * generate(prompt, seqLen, callback, echo, temperature, numBos, numEos) where the AAR has it, so the
-     * runner prepends exactly one BOS (the id comes from the .pte metadata, which the exporter writes
-     * from the same config as manifest bos_id); else generate(prompt, seqLen, callback, echo).
-     */
-    private fun runGenerate(prompt: String, seqLen: Int, callback: LlmCallback, temperature: Float): Any? {
-        val seven = try {
-            LlmModule::class.java.getMethod("generate", String::class.java, Int::class.javaPrimitiveType, LlmCallback::class.java,
-                Boolean::class.javaPrimitiveType, Float::class.javaPrimitiveType, Int::class.javaPrimitiveType, Int::class.javaPrimitiveType)
-        } catch (e: NoSuchMethodException) { null }
-        if (seven != null) {
-            return try { seven.invoke(module, prompt, seqLen, callback, false, temperature, 1, 0) }
-            catch (e: java.lang.reflect.InvocationTargetException) { throw e.targetException ?: e }
+        try {
+            module.generate(prompt, maxContext, callback, false, temperature, 1, 0)
+        } catch (e: RuntimeException) {
+            listener.onDone("ExecuTorch: ${e.message ?: e.toString()} (a prompt must fit the context of $maxContext tokens with BOS)")
+            return
         }
-        return module.generate(prompt, seqLen, callback, false)
+        listener.onDone("done (${throughput.generated} tokens)")
     }
 
     override fun stop() = module.stop()
 
-    override fun close() = module.resetNative()
+    override fun close() = module.close()
 }
 
 /**
- * The app's own loop over the .pte's `forward` (org.pytorch.executorch.Module): our SentencePiece
- * tokenizer, prefill, then one token at a time with the KV cache inside the program, our sampler, and
- * stops on manifest eos_ids / max_context. Input order and dtypes come from manifest io.inputs (the
- * rank-2 input takes token ids [1, S], the rank-1 input the start position [1]).
+ * ONNX bundles: onnxruntime-genai's Java API over the bundle folder (genai_config.json, model.onnx,
+ * tokenizer.json, tokenizer_config.json). genai tokenizes, samples (greedy, or do_sample at the
+ * temperature) and stops on genai_config's eos_token_id and max_length; the app adds the manifest's
+ * stop rule (eos_ids, max_context, max new tokens) to say why it stopped.
+ *
+ * BOS: genai's tokenizer adds no special tokens unless told: updateOptions(add_special_tokens=true)
+ * (Tokenizer.updateOptions, onnxruntime-genai >= 0.11) makes it apply tokenizer.json's BOS template,
+ * and PromptIds.withLeadingBos makes sure manifest bos_id leads the prompt exactly once.
  */
-class ManualLoopEngine(private val bundle: LoadedBundle) : Engine {
-    override val label = "Manual loop (Module.forward)"
+class GenaiEngine(private val bundle: LoadedBundle) : Engine {
+    override val label = "onnxruntime-genai"
+    private val model = Model(bundle.dir.absolutePath)
+    private val tokenizer = Tokenizer(model)
     @Volatile private var stopRequested = false
-    private val inputs: List<TensorSpec> = bundle.manifest.inputs
-    private val tokensIndex: Int
-    private val posIndex: Int
-    private val vocab: Int = bundle.manifest.vocabSize
 
     init {
-        val t = inputs.indexOfFirst { it.shape.size == 2 }
-        val p = inputs.indexOfFirst { it.shape.size == 1 }
-        if (inputs.size != 2 || t < 0 || p < 0) {
-            throw IllegalStateException("manifest io.inputs must be token ids [1, S] and a start position [1]; found $inputs")
+        val options = HashMap<String, String>()
+        options["add_special_tokens"] = "true"
+        tokenizer.updateOptions(options)
+    }
+
+    /** Prompt ids as the model sees them: manifest bos_id first, then genai's tokens of the text. */
+    fun promptIds(prompt: String): IntArray {
+        val sequences = tokenizer.encode(prompt)
+        try {
+            return PromptIds.withLeadingBos(sequences.getSequence(0), bundle.manifest.bosId)
+        } finally {
+            sequences.close()
         }
-        tokensIndex = t
-        posIndex = p
-    }
-
-    private fun tensor(spec: TensorSpec, values: IntArray, shape: LongArray): Tensor = when (spec.dtype) {
-        "int64" -> Tensor.fromBlob(LongArray(values.size) { values[it].toLong() }, shape)
-        "int32" -> Tensor.fromBlob(values, shape)
-        else -> throw IllegalStateException("input ${spec.name} has dtype ${spec.dtype}; expected int32 or int64")
-    }
-
-    private fun forward(module: Module, ids: IntArray, start: Int): FloatArray {
-        val args = arrayOfNulls<EValue>(2)
-        args[tokensIndex] = EValue.from(tensor(inputs[tokensIndex], ids, longArrayOf(1L, ids.size.toLong())))
-        args[posIndex] = EValue.from(tensor(inputs[posIndex], intArrayOf(start), longArrayOf(1L)))
-        val out = module.forward(*args.requireNoNulls())
-        return out[0].toTensor().getDataAsFloatArray()
     }
 
     override fun generate(prompt: String, maxNewTokens: Int, temperature: Float, listener: GenerationListener) {
         stopRequested = false
-        val ids = bundle.promptIds(prompt)
+        val ids = promptIds(prompt)
         val problem = bundle.budget.problem(ids.size)
         if (problem != null) { listener.onDone(problem); return }
-        val module = Module.load(bundle.modelFile.absolutePath) // fresh KV cache per request
+        val newTokens = bundle.budget.newTokens(ids.size, maxNewTokens)
+        val params = GeneratorParams(model)
+        val rule = StopRule(bundle.manifest.eosIds, bundle.manifest.maxContext, newTokens)
         try {
-            val sampler = Sampler(temperature, topK = 0, seed = System.nanoTime())
-            val rule = StopRule(bundle.manifest.eosIds, bundle.manifest.maxContext, maxNewTokens)
-            val decoder = StreamingDecoder(bundle.tokenizer, startOfText = false)
-            val throughput = Throughput()
-            throughput.start(System.nanoTime(), ids.size)
-            var logits = forward(module, ids, 0)
-            var pos = ids.size
-            var generated = 0
-            while (true) {
-                val rows = logits.size / vocab
-                val next = sampler.sample(logits, (rows - 1) * vocab, vocab)
-                generated++
-                throughput.token(System.nanoTime())
-                val reason: StopReason? = if (stopRequested) StopReason.USER else rule.check(next, ids.size, generated)
-                if (!rule.isEos(next)) listener.onText(decoder.push(next))
-                listener.onProgress(throughput)
-                if (reason != null) { listener.onDone("${reason.label} ($generated tokens)"); return }
-                logits = forward(module, intArrayOf(next), pos)
-                pos++
+            params.setSearchOption("max_length", (ids.size + newTokens).toDouble())
+            if (temperature > 0f) {
+                params.setSearchOption("do_sample", true)
+                params.setSearchOption("temperature", temperature.toDouble())
+            } else {
+                params.setSearchOption("do_sample", false)
+            }
+            val generator = Generator(model, params)
+            val stream = tokenizer.createStream()
+            try {
+                val throughput = Throughput()
+                throughput.start(System.nanoTime(), ids.size)
+                generator.appendTokens(ids)
+                var reason: StopReason? = null
+                while (reason == null && !generator.isDone()) {
+                    generator.generateNextToken()
+                    val next = generator.getLastTokenInSequence(0)
+                    throughput.token(System.nanoTime())
+                    reason = if (stopRequested) StopReason.USER else rule.check(next, ids.size, throughput.generated)
+                    if (!rule.isEos(next)) listener.onText(stream.decode(next))
+                    listener.onProgress(throughput)
+                }
+                val why = reason?.label ?: "generator done (genai_config eos / max_length)"
+                listener.onDone("$why (${throughput.generated} tokens, prompt ${ids.size})")
+            } finally {
+                stream.close()
+                generator.close()
             }
         } finally {
-            module.destroy()
+            params.close()
         }
     }
 
     override fun stop() { stopRequested = true }
 
-    override fun close() {}
+    override fun close() {
+        tokenizer.close()
+        model.close()
+    }
 }

@@ -13,8 +13,6 @@ import android.widget.Button
 import android.widget.CheckBox
 import android.widget.EditText
 import android.widget.LinearLayout
-import android.widget.RadioButton
-import android.widget.RadioGroup
 import android.widget.ScrollView
 import android.widget.Spinner
 import android.widget.TextView
@@ -25,8 +23,10 @@ import org.mobilellm.demo.core.Throughput
 import java.io.File
 
 /**
- * Pick an ExecuTorch bundle (a folder written by `mobilellm-export --target executorch`), check it
- * against its manifest.json, load it, and stream generated text with tokens/s.
+ * Pick a bundle (a folder written by `mobilellm-export --target executorch` or `--target onnx`),
+ * check it against its manifest.json, load it with its runtime (ExecuTorch's LlmModule, or
+ * onnxruntime-genai), and stream generated text with tokens/s. The runtimes tokenize; the app has
+ * no tokenizer of its own.
  *
  * Bundles are found in (1) the app's external files dir, where `adb push BUNDLE
  * /sdcard/Android/data/org.mobilellm.demo/files/` puts them, (2) the app's internal files dir
@@ -37,7 +37,6 @@ import java.io.File
 class MainActivity : Activity() {
     private lateinit var bundleSpinner: Spinner
     private lateinit var info: TextView
-    private lateinit var engineGroup: RadioGroup
     private lateinit var verifyHashes: CheckBox
     private lateinit var temperatureEdit: EditText
     private lateinit var maxTokensEdit: EditText
@@ -49,12 +48,12 @@ class MainActivity : Activity() {
     private var bundleDirs: List<File> = emptyList()
     private var bundle: LoadedBundle? = null
     private var engine: Engine? = null
-    private var engineKey: String? = null
     @Volatile private var running = false
 
     companion object {
         private const val PICK_FOLDER = 1
-        private const val TARGET = "executorch"
+        /** manifest `target`s this app runs: ExecuTorch (.pte) with LlmModule, ONNX with onnxruntime-genai. */
+        private val TARGETS = listOf("executorch", "onnx")
     }
 
     override fun onCreate(savedInstanceState: Bundle?) {
@@ -97,14 +96,6 @@ class MainActivity : Activity() {
         info = TextView(this)
         info.setTextIsSelectable(true)
         col.addView(info)
-
-        engineGroup = RadioGroup(this)
-        engineGroup.orientation = RadioGroup.HORIZONTAL
-        val stock = RadioButton(this); stock.id = View.generateViewId(); stock.text = "LlmModule runner"
-        val manual = RadioButton(this); manual.id = View.generateViewId(); manual.text = "Manual loop"
-        engineGroup.addView(stock); engineGroup.addView(manual)
-        engineGroup.check(stock.id)
-        col.addView(engineGroup)
 
         temperatureEdit = EditText(this)
         temperatureEdit.hint = "temperature (0 = greedy)"
@@ -158,7 +149,7 @@ class MainActivity : Activity() {
         val labels = found.map { it.name + "  (" + (it.parent ?: "") + ")" }
         bundleSpinner.adapter = ArrayAdapter(this, android.R.layout.simple_spinner_dropdown_item, labels)
         info.text = if (found.isEmpty()) {
-            "No bundle found. Export one with `mobilellm-export --target executorch --output dist/`, then\n" +
+            "No bundle found. Export one with `mobilellm-export --target executorch --output dist/` (or --target onnx), then\n" +
                 "adb push dist/<name>-executorch-4bit ${getExternalFilesDir(null)?.path ?: "/sdcard/Android/data/$packageName/files"}/\n" +
                 "and tap Rescan, or tap Pick folder…"
         } else "${found.size} bundle(s) found; pick one and tap Load."
@@ -171,28 +162,28 @@ class MainActivity : Activity() {
         if (k < 0 || k >= bundleDirs.size) { say("Pick a bundle first."); return }
         val dir = bundleDirs[k]
         val hashes = verifyHashes.isChecked
+        val temperature = temperatureEdit.text.toString().toFloatOrNull() ?: 0f
         runButton.isEnabled = false
         say("Checking ${dir.name} …")
         Thread {
             try {
                 val manifest = Manifest.load(dir)
-                val report = BundleValidator.validate(dir, manifest, TARGET, checkHashes = hashes)
+                val report = BundleValidator.validate(dir, manifest, TARGETS, checkHashes = hashes)
                 if (!report.ok) {
                     say("Cannot use ${dir.name}:\n• " + report.errors.joinToString("\n• "))
                     return@Thread
                 }
                 val loaded = LoadedBundle(dir, manifest)
-                if (loaded.tokenizer.vocabSize != manifest.vocabSize) {
-                    say("${manifest.tokenizer} has ${loaded.tokenizer.vocabSize} pieces but the manifest says vocab_size ${manifest.vocabSize}; re-export the bundle")
-                    return@Thread
-                }
                 engine?.close()
                 engine = null
-                engineKey = null
+                bundle = null
+                say("Loading ${manifest.artifact} …")
+                val e = if (manifest.target == "onnx") GenaiEngine(loaded) else LlmModuleEngine(loaded, temperature)
+                engine = e
                 bundle = loaded
                 val parity = when (manifest.parityPassed) { null -> "not run"; true -> "passed"; false -> "FAILED" }
                 val text = StringBuilder()
-                text.append("${manifest.name}: ${manifest.artifact} (${manifest.bits}-bit), ${manifest.tokenizer}\n")
+                text.append("${manifest.name}: ${manifest.artifact} (${manifest.bits}-bit) with ${e.label}, tokenizer ${manifest.tokenizer}\n")
                 text.append("model: dim ${manifest.modelDim}, ${manifest.modelLayers} stored / ${manifest.modelApplied} applied blocks (${manifest.layerSharing} sharing)\n")
                 text.append("context ${manifest.maxContext} tokens, vocab ${manifest.vocabSize}, BOS ${manifest.bosId}, EOS ${manifest.eosIds}\n")
                 text.append("inputs ${manifest.inputs}; outputs ${manifest.outputs}\n")
@@ -206,35 +197,20 @@ class MainActivity : Activity() {
         }.start()
     }
 
-    /** Called on the generation thread; `manual` was read from the UI on the UI thread. */
-    private fun engineFor(b: LoadedBundle, temperature: Float, manual: Boolean): Engine {
-        val key = (if (manual) "manual" else "stock") + "@" + b.dir.path + "@" + temperature
-        val current = engine
-        if (current != null && key == engineKey) return current
-        current?.close()
-        val e = if (manual) ManualLoopEngine(b) else LlmModuleEngine(b, temperature)
-        engine = e
-        engineKey = key
-        return e
-    }
-
     // ------------------------------------------------------------------ generating
     private fun generate() {
         val b = bundle ?: return
+        val e = engine ?: return
         val prompt = promptEdit.text.toString()
+        if (prompt.trim().length == 0) { stats.text = "the prompt is empty"; return }
         val temperature = temperatureEdit.text.toString().toFloatOrNull() ?: 0f
         val maxNew = maxTokensEdit.text.toString().toIntOrNull() ?: 128
-        val manual = engineGroup.checkedRadioButtonId == engineGroup.getChildAt(1).id
-        val promptTokens = b.promptIds(prompt).size
-        val problem = b.budget.problem(promptTokens)
-        if (problem != null) { stats.text = problem; return }
         output.text = prompt
-        stats.text = "prompt $promptTokens tokens of ${b.manifest.maxContext}; loading…"
+        stats.text = "${e.label}: context ${b.manifest.maxContext} tokens; generating…"
         running = true
         runButton.text = "Stop"
         Thread {
             try {
-                val e = engineFor(b, temperature, manual)
                 e.generate(prompt, maxNew, temperature, object : GenerationListener {
                     override fun onText(delta: String) { runOnUiThread { output.append(delta) } }
                     override fun onProgress(throughput: Throughput) {

@@ -1,8 +1,12 @@
 package org.pytorch.executorch.extension.llm;
-public class LlmModule {
+// Signatures of org.pytorch:executorch-android's LlmModule (a Kotlin class since 1.4; these are the
+// overloads the app calls, as Java sees them). Stub: nothing runs.
+public class LlmModule implements java.io.Closeable {
   public LlmModule(String modulePath, String tokenizerPath, float temperature) {}
-  public int generate(String prompt, int seqLen, LlmCallback llmCallback, boolean echo) { return 0; }
-  public void resetNative() {}
+  public void load() {}
+  public void generate(String prompt, int seqLen, LlmCallback llmCallback, boolean echo) {}
+  public void generate(String prompt, int seqLen, LlmCallback llmCallback, boolean echo, float temperature, int numBos, int numEos) {}
   public void stop() {}
-  public int load() { return 0; }
+  @Override public void close() {}
+  @Deprecated public void resetNative() {}
 }

@@ -1,54 +1,11 @@
 package org.mobilellm.demo.core
 
-import kotlin.math.exp
+import org.json.JSONObject
 
-// Platform-free (no android.* imports): sampling, stop tokens, context budget and tokens/s.
-// The Swift app (ios_demo/MobileLLMDemo/Generation.swift) mirrors these rules.
-
-/** Greedy (temperature <= 0) or temperature sampling with optional top-k. */
-class Sampler(val temperature: Float, val topK: Int = 0, seed: Long = 0L) {
-    private val rng = java.util.Random(seed)
-
-    /** Samples from logits[offset until offset + vocab] (one row of [S, vocab] logits). */
-    fun sample(logits: FloatArray, offset: Int = 0, vocab: Int = logits.size - offset): Int {
-        require(vocab > 0 && offset >= 0 && offset + vocab <= logits.size) { "logits row out of range" }
-        if (temperature <= 0f) return argmax(logits, offset, vocab)
-        // Candidates: all ids, or the top-k by logit.
-        var cand = IntArray(vocab) { it }
-        if (topK in 1 until vocab) {
-            val sorted = cand.sortedWith(Comparator { a, b -> java.lang.Float.compare(logits[offset + b], logits[offset + a]) })
-            cand = IntArray(topK) { sorted[it] }
-        }
-        var maxLogit = Float.NEGATIVE_INFINITY
-        for (id in cand) if (logits[offset + id] > maxLogit) maxLogit = logits[offset + id]
-        val probs = DoubleArray(cand.size)
-        var total = 0.0
-        for ((k, id) in cand.withIndex()) {
-            val p = exp(((logits[offset + id] - maxLogit) / temperature).toDouble())
-            probs[k] = p
-            total += p
-        }
-        var r = rng.nextDouble() * total
-        for ((k, id) in cand.withIndex()) {
-            r -= probs[k]
-            if (r <= 0.0) return id
-        }
-        return cand[cand.size - 1]
-    }
-
-    companion object {
-        /** Index of the largest logit; the lowest index wins ties. NaN never wins. */
-        fun argmax(logits: FloatArray, offset: Int = 0, vocab: Int = logits.size - offset): Int {
-            var best = 0
-            var bestV = Float.NEGATIVE_INFINITY
-            for (k in 0 until vocab) {
-                val v = logits[offset + k]
-                if (v > bestV) { bestV = v; best = k }
-            }
-            return best
-        }
-    }
-}
+// Platform-free (no android.* imports): stop tokens, context budget, the BOS rule, tokens/s and
+// ExecuTorch's stats JSON. Tokenizing and sampling happen in the runtimes (ExecuTorch's LlmModule,
+// onnxruntime-genai's Generator), not here. The Swift app (ios_demo/MobileLLMDemo/Generation.swift)
+// follows the same rules.
 
 enum class StopReason(val label: String) {
     EOS("end of sequence"), CONTEXT_FULL("context full (max_context)"), MAX_NEW_TOKENS("max new tokens"), USER("stopped")
@@ -91,9 +48,22 @@ class PromptBudget(val maxContext: Int) {
         val room = maxContext - promptTokens
         return if (room < 0) 0 else if (requested < room) requested else room
     }
+}
 
-    /** seqLen for ExecuTorch's LlmModule.generate: prompt + new tokens, never above max_context. */
-    fun seqLen(promptTokens: Int, requestedNew: Int): Int = promptTokens + newTokens(promptTokens, requestedNew)
+/**
+ * MobileLLM is trained with BOS first, and the exporter's parity check feeds manifest bos_id first.
+ * A runtime tokenizer told to add special tokens already does (the bundle's tokenizer.json has a BOS
+ * template); this makes it exactly one BOS either way, so a tokenizer without the template still
+ * gives the model what it was trained on.
+ */
+object PromptIds {
+    fun withLeadingBos(ids: IntArray, bosId: Int): IntArray {
+        if (ids.isNotEmpty() && ids[0] == bosId) return ids
+        val out = IntArray(ids.size + 1)
+        out[0] = bosId
+        System.arraycopy(ids, 0, out, 1, ids.size)
+        return out
+    }
 }
 
 /** Prefill and decode tokens/s from timestamps the app records (nanoseconds). */
@@ -145,10 +115,10 @@ class RunnerStats(
     val timeToFirstTokenMs: Double
 ) {
     companion object {
+        /** Parses the stats JSON with org.json; throws org.json.JSONException when it is not a JSON object. */
         fun parse(json: String): RunnerStats {
-            @Suppress("UNCHECKED_CAST")
-            val m = Json.parse(json) as? Map<String, Any?> ?: throw JsonException("stats: not an object")
-            fun num(k: String): Double = when (val v = m[k]) { is Long -> v.toDouble(); is Double -> v; else -> 0.0 }
+            val m = JSONObject(json)
+            fun num(k: String): Double = m.optDouble(k, 0.0)
             val scale = if (num("SCALING_FACTOR_UNITS_PER_SECOND") > 0) num("SCALING_FACTOR_UNITS_PER_SECOND") else 1000.0
             val prompt = num("prompt_tokens")
             val gen = num("generated_tokens")

@@ -1,16 +1,21 @@
 package org.mobilellm.demo.core
 
+import org.json.JSONArray
+import org.json.JSONException
+import org.json.JSONObject
 import java.io.File
 import java.security.MessageDigest
 
-// Platform-free (no android.* imports). Every manifest.json key the Android app reads goes through
-// the accessors of [Manifest] below (string/int/long/double/bool/optBool/intList/stringList/
-// tensors/fileEntries/has with a literal dotted key path), so tests/test_demo_apps.py can list them
-// with a regex and check each against the manifest schema and a real exported bundle.
+// Platform-free (no android.* imports). manifest.json is parsed with org.json, the JSON library built
+// into Android (on a JVM: Debian's libandroid-json-java, the same code from AOSP libcore). Every key
+// the Android app reads goes through the accessors of [Manifest] below (string/int/long/double/bool/
+// optBool/intList/stringList/tensors/fileEntries/has with a literal dotted key path), so
+// tests/test_demo_apps.py can list them with a regex and check each against the manifest schema and
+// a real exported bundle.
 
 class ManifestException(message: String) : Exception(message)
 
-/** One tensor of manifest io.inputs / io.outputs / io.states: {name, dtype, shape}. */
+/** One tensor of manifest io.inputs / io.outputs / io.states: {name, dtype, shape} (shape: Long or String items). */
 class TensorSpec(val name: String, val dtype: String, val shape: List<Any?>) {
     override fun toString(): String = "$name $dtype $shape"
 }
@@ -18,17 +23,17 @@ class TensorSpec(val name: String, val dtype: String, val shape: List<Any?>) {
 /** One manifest files entry: {sha256, bytes}. */
 class FileEntry(val sha256: String, val bytes: Long)
 
-class Manifest(private val root: Map<String, Any?>) {
+class Manifest(private val root: JSONObject) {
 
     companion object {
         const val FILE_NAME = "manifest.json"
         const val SCHEMA_VERSION = 1
 
         fun parse(text: String): Manifest {
-            val v = try { Json.parse(text) } catch (e: JsonException) { throw ManifestException("manifest.json is not valid JSON: ${e.message}") }
-            @Suppress("UNCHECKED_CAST")
-            val m = v as? Map<String, Any?> ?: throw ManifestException("manifest.json must hold a JSON object")
-            return Manifest(m)
+            val root = try { JSONObject(text) } catch (e: JSONException) {
+                throw ManifestException("manifest.json is not a JSON object: ${e.message}")
+            }
+            return Manifest(root)
         }
 
         fun load(bundleDir: File): Manifest {
@@ -36,16 +41,26 @@ class Manifest(private val root: Map<String, Any?>) {
             if (!f.isFile) throw ManifestException("${bundleDir.path}: no $FILE_NAME; is this a bundle written by mobilellm-export?")
             return parse(f.readText(Charsets.UTF_8))
         }
+
+        /** A JSON integer as Long (org.json gives Integer or Long; other libraries may give BigInteger), else null. */
+        fun integer(v: Any?): Long? = when (v) {
+            is Int -> v.toLong()
+            is Long -> v
+            is java.math.BigInteger -> if (v.bitLength() < 64) v.toLong() else null
+            else -> null
+        }
+
+        /** org.json's JSONObject.NULL as Kotlin null. */
+        private fun plain(v: Any?): Any? = if (JSONObject.NULL.equals(v)) null else v
     }
 
     // ---------------------------------------------------------------- generic accessors
     private fun lookup(path: String): Any? {
         var cur: Any? = root
         for (part in path.split('.')) {
-            @Suppress("UNCHECKED_CAST")
-            val m = cur as? Map<String, Any?> ?: throw ManifestException("manifest: '$path' not found ('$part' is not inside an object)")
-            if (!m.containsKey(part)) throw ManifestException("manifest: missing key '$path'; re-export the bundle with mobilellm-export")
-            cur = m[part]
+            val o = cur as? JSONObject ?: throw ManifestException("manifest: '$path' not found ('$part' is not inside an object)")
+            if (!o.has(part)) throw ManifestException("manifest: missing key '$path'; re-export the bundle with mobilellm-export")
+            cur = plain(o.get(part))
         }
         return cur
     }
@@ -57,7 +72,7 @@ class Manifest(private val root: Map<String, Any?>) {
 
     fun string(path: String): String { val v = lookup(path); return v as? String ?: wrong(path, "a string", v) }
 
-    fun long(path: String): Long { val v = lookup(path); return v as? Long ?: wrong(path, "an integer", v) }
+    fun long(path: String): Long { val v = lookup(path); return integer(v) ?: wrong(path, "an integer", v) }
 
     fun int(path: String): Int {
         val l = long(path)
@@ -65,10 +80,7 @@ class Manifest(private val root: Map<String, Any?>) {
         return l.toInt()
     }
 
-    fun double(path: String): Double {
-        val v = lookup(path)
-        return when (v) { is Long -> v.toDouble(); is Double -> v; else -> wrong(path, "a number", v) }
-    }
+    fun double(path: String): Double { val v = lookup(path); return (v as? Number)?.toDouble() ?: wrong(path, "a number", v) }
 
     fun bool(path: String): Boolean { val v = lookup(path); return v as? Boolean ?: wrong(path, "true or false", v) }
 
@@ -77,51 +89,57 @@ class Manifest(private val root: Map<String, Any?>) {
         var cur: Any? = root
         for (part in path.split('.')) {
             if (cur == null) return null
-            @Suppress("UNCHECKED_CAST")
-            val m = cur as? Map<String, Any?> ?: wrong(path, "inside an object", cur)
-            if (!m.containsKey(part)) throw ManifestException("manifest: missing key '$path'")
-            cur = m[part]
+            val o = cur as? JSONObject ?: wrong(path, "inside an object", cur)
+            if (!o.has(part)) throw ManifestException("manifest: missing key '$path'")
+            cur = plain(o.get(part))
         }
         if (cur == null) return null
         return cur as? Boolean ?: wrong(path, "true, false or null", cur)
     }
 
+    private fun items(path: String, v: Any?, what: String): List<Any?> {
+        val a = v as? JSONArray ?: wrong(path, what, v)
+        return List(a.length()) { plain(a.get(it)) }
+    }
+
     fun intList(path: String): List<Int> {
         val v = lookup(path)
-        val l = v as? List<*> ?: wrong(path, "a list of integers", v)
-        return l.map { x -> (x as? Long)?.toInt() ?: wrong(path, "a list of integers", v) }
+        return items(path, v, "a list of integers").map { x ->
+            val l = integer(x) ?: wrong(path, "a list of integers", v)
+            if (l < Int.MIN_VALUE || l > Int.MAX_VALUE) wrong(path, "a list of 32-bit integers", v)
+            l.toInt()
+        }
     }
 
     fun stringList(path: String): List<String> {
         val v = lookup(path)
-        val l = v as? List<*> ?: wrong(path, "a list of strings", v)
-        return l.map { x -> x as? String ?: wrong(path, "a list of strings", v) }
+        return items(path, v, "a list of strings").map { x -> x as? String ?: wrong(path, "a list of strings", v) }
     }
 
     /** A list of {name, dtype, shape}; an absent optional list (e.g. io.states) is empty. */
     fun tensors(path: String): List<TensorSpec> {
         if (!has(path)) return emptyList()
-        val v = lookup(path)
-        val l = v as? List<*> ?: wrong(path, "a list of tensors", v)
-        return l.map { t ->
-            val m = t as? Map<*, *> ?: wrong(path, "a list of {name, dtype, shape}", t)
-            val name = m["name"] as? String ?: wrong("$path[].name", "a string", m["name"])
-            val dtype = m["dtype"] as? String ?: wrong("$path[].dtype", "a string", m["dtype"])
-            val shape = m["shape"] as? List<*> ?: wrong("$path[].shape", "a list", m["shape"])
-            TensorSpec(name, dtype, shape.toList())
+        return items(path, lookup(path), "a list of tensors").map { t ->
+            val o = t as? JSONObject ?: wrong(path, "a list of {name, dtype, shape}", t)
+            val name = plain(o.opt("name")) as? String ?: wrong("$path[].name", "a string", o.opt("name"))
+            val dtype = plain(o.opt("dtype")) as? String ?: wrong("$path[].dtype", "a string", o.opt("dtype"))
+            val shape = items("$path[].shape", plain(o.opt("shape")), "a list").map { d -> integer(d) ?: d }
+            TensorSpec(name, dtype, shape)
         }
     }
 
-    /** The files map: relative path -> {sha256, bytes}. */
+    /** The files map: relative path -> {sha256, bytes}, in manifest order. */
     fun fileEntries(path: String): Map<String, FileEntry> {
         val v = lookup(path)
-        val m = v as? Map<*, *> ?: wrong(path, "an object", v)
+        val o = v as? JSONObject ?: wrong(path, "an object", v)
         val out = LinkedHashMap<String, FileEntry>()
-        for ((k, e) in m) {
-            val em = e as? Map<*, *> ?: wrong("$path.$k", "{sha256, bytes}", e)
-            val sha = em["sha256"] as? String ?: wrong("$path.$k.sha256", "a string", em["sha256"])
-            val bytes = em["bytes"] as? Long ?: wrong("$path.$k.bytes", "an integer", em["bytes"])
-            out[k.toString()] = FileEntry(sha, bytes)
+        val keys = o.keys()
+        while (keys.hasNext()) {
+            val k = keys.next()
+            val e = plain(o.get(k)) as? JSONObject ?: wrong("$path.$k", "{sha256, bytes}", o.get(k))
+            val sha = plain(e.opt("sha256")) as? String ?: wrong("$path.$k.sha256", "a string", e.opt("sha256"))
+            val bytes = integer(e.opt("bytes")) ?: wrong("$path.$k.bytes", "an integer", e.opt("bytes"))
+            out[k] = FileEntry(sha, bytes)
         }
         return out
     }
@@ -156,11 +174,13 @@ class BundleReport(val errors: List<String>, val warnings: List<String>) {
 
 object BundleValidator {
     /**
-     * Checks a bundle folder against its manifest for `expectedTarget`: schema version, target,
-     * artifact and tokenizer present with the recorded sizes (and sha256 when `checkHashes`), ids in
-     * range, vocab sizes consistent. Every name and number comes from the manifest.
+     * Checks a bundle folder against its manifest for one of `targets`: schema version, target,
+     * artifact and tokenizer recorded in `files`, every file of `files` present with the recorded
+     * size (and sha256 when `checkHashes`): the runtimes read more than the artifact (tokenizer.json,
+     * genai_config.json, external weights), ids in range, vocab sizes consistent. Every name and
+     * number comes from the manifest.
      */
-    fun validate(bundleDir: File, manifest: Manifest, expectedTarget: String, checkHashes: Boolean = false): BundleReport {
+    fun validate(bundleDir: File, manifest: Manifest, targets: List<String>, checkHashes: Boolean = false): BundleReport {
         val errors = ArrayList<String>()
         val warnings = ArrayList<String>()
         fun check(block: () -> Unit) {
@@ -172,14 +192,20 @@ object BundleValidator {
             }
         }
         check {
-            if (manifest.target != expectedTarget) {
-                errors.add("bundle target is '${manifest.target}', this app runs '$expectedTarget' bundles (export with --target $expectedTarget)")
+            if (manifest.target !in targets) {
+                errors.add("bundle target is '${manifest.target}', this app runs ${targets.joinToString(" or ")} bundles (export with " +
+                    targets.joinToString(" or ") { "--target $it" } + ")")
             }
         }
         var files: Map<String, FileEntry> = emptyMap()
         check { files = manifest.files }
-        check { checkFile(bundleDir, manifest.artifact, files, checkHashes, errors) }
-        check { checkFile(bundleDir, manifest.tokenizer, files, checkHashes, errors) }
+        val checked = HashSet<String>()
+        check { checkFile(bundleDir, manifest.artifact, files, checkHashes, errors, checked) }
+        check { checkFile(bundleDir, manifest.tokenizer, files, checkHashes, errors, checked) }
+        for (name in files.keys) {
+            if (name in checked) continue
+            checkFile(bundleDir, name, files, checkHashes, errors, checked)
+        }
         check {
             val vocab = manifest.vocabSize
             if (vocab < 1) errors.add("vocab_size $vocab must be positive")
@@ -199,7 +225,8 @@ object BundleValidator {
         return BundleReport(errors, warnings)
     }
 
-    private fun checkFile(dir: File, rel: String, files: Map<String, FileEntry>, hashes: Boolean, errors: MutableList<String>) {
+    private fun checkFile(dir: File, rel: String, files: Map<String, FileEntry>, hashes: Boolean, errors: MutableList<String>,
+                          checked: MutableSet<String>) {
         if (rel.length == 0 || rel.startsWith("/") || rel.split('/').contains("..")) {
             errors.add("manifest names an unsafe path '$rel'"); return
         }
@@ -209,6 +236,8 @@ object BundleValidator {
         val entries = if (f.isDirectory) files.filterKeys { it.startsWith("$rel/") } else files.filterKeys { it == rel }
         if (entries.isEmpty()) { errors.add("$rel has no entry in manifest files"); return }
         for ((name, entry) in entries) {
+            checked.add(name)
+            if (name.startsWith("/") || name.split('/').contains("..")) { errors.add("manifest names an unsafe path '$name'"); continue }
             val g = File(dir, name)
             if (!g.isFile) { errors.add("$name is missing from the bundle"); continue }
             if (g.length() != entry.bytes) {
