@@ -38,6 +38,7 @@ ORDER = [
     "validation.metrics",
     "validation.sequences",
     "validation.parity",
+    "validation.plots",
     "validation.reports",
     "validation",
     "exporter.recipe",
