@@ -43,6 +43,7 @@ ORDER = [
     "validation",
     "exporter.recipe",
     "exporter.measure",
+    "exporter.sensitivity",
     "exporter.inspect",
     "exporter.random_checkpoint",
     "exporter.pipeline",

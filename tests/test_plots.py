@@ -158,3 +158,24 @@ def test_bench_chart_on_synthetic_rows(tmp_path: Path) -> None:
     assert "| 125M | coreml | 4 |" in bench_markdown(rows)
     (tmp_path / "again").mkdir()
     assert write_bench_chart(rows, tmp_path / "again", caption)[0].read_bytes() == png.read_bytes()
+
+
+def test_sensitivity_of_a_tiny_shared_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`inspect --sensitivity`: one row per linear layer and per application of a shared block, ranked,
+    the chart a valid PNG and its data the rows printed."""
+    cfg = tiny_config(n_layers=1, sharing="immediate", share_embedding=False)
+    ckpt = save_checkpoint(random_model(cfg), tmp_path / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model")
+    args = ["inspect", str(ckpt), "--sensitivity", "--bits", "4", "--tokens", "64", "--output", str(tmp_path / "s")]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    check_png(tmp_path / "s" / "sensitivity.png")
+    rows = data["rows"]
+    # 7 linears stored once, each also rounded in application 0 alone and in application 1 alone; lm_head.
+    assert len(rows) == 7 * 3 + 1 and {r["application"] for r in rows} == {None, 0, 1}
+    assert [r["delta"] for r in rows] == sorted((r["delta"] for r in rows), reverse=True)
+    assert data["bits"] == 4 and data["tokens"] == 64 and data["perplexity"] > 1
+    top = rows[0]["layer"] + ("" if rows[0]["application"] is None else f" @{rows[0]['application']}")
+    assert f"     1  {top}" in out
+    for r in rows:
+        assert abs(r["perplexity"] / data["perplexity"] - 1 - r["delta"]) < 1e-9

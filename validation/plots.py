@@ -251,11 +251,53 @@ def bench_png(data: dict[str, Any]) -> bytes:
                     ax.text(0, yi, " not timed", va="center", color="#888888", fontsize=8)
                     continue
                 ax.barh(yi, v / scale, color=color, height=0.7)
-                ax.text(v / scale, yi, f" {v / scale:.3g}", va="center", fontsize=8)
+                ax.text(v / scale, yi, f" {_num(v / scale)}", va="center", fontsize=8)
             ax.set_xlim(0, top * 1.3)
             ax.set_title(title)
             ax.grid(True, axis="x", lw=0.4, alpha=0.5)
         axes[0].set_yticks(y, labels)
         fig.suptitle("make bench: ours (blue) beside eager PyTorch and peers (grey)")
         fig.supxlabel(data["caption"], fontsize=8)
+        return _png(fig)
+
+
+def _num(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+# ------------------------------------------------------------------------------ sensitivity
+def sensitivity_png(result: dict[str, Any], top: int = 40) -> bytes:
+    """The perplexity change of rounding each layer (or block application) alone, largest first."""
+    rows = result["rows"][:top]
+    labels = [r["layer"] + ("" if r["application"] is None else f" @{r['application']}") for r in rows]
+    values = [r["delta"] * 100 for r in rows]
+    with _Rc():
+        fig = Figure(figsize=(8.5, 1.4 + 0.22 * len(rows)), layout="constrained")
+        ax = fig.subplots()
+        y = list(range(len(rows)))[::-1]
+        colors = ["#c44e52" if v > 0 else "#4c72b0" for v in values]
+        ax.barh(y, values, color=colors, height=0.7)
+        for yi, v in zip(y, values):
+            ax.text(
+                v,
+                yi,
+                f" {v:+.3g}%" if v >= 0 else f"{v:+.3g}% ",
+                va="center",
+                ha="left" if v >= 0 else "right",
+                fontsize=7,
+            )
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.axvline(0, color="#555555", lw=0.8)
+        lo, hi = min(values + [0.0]), max(values + [0.0])
+        pad = (hi - lo) * 0.25 or 1.0
+        ax.set_xlim(lo - (pad if lo < 0 else 0), hi + pad)
+        ax.set_xlabel("perplexity change when only this layer is rounded (%)")
+        ax.grid(True, axis="x", lw=0.4, alpha=0.5)
+        shown = (
+            f"top {len(rows)} of {len(result['rows'])}" if len(result["rows"]) > len(rows) else f"{len(rows)} layers"
+        )
+        ax.set_title(
+            f"{result['bits']}-bit sensitivity ({shown}); fp32 perplexity {result['perplexity']:.3f} "
+            f"on {result['tokens']} calibration tokens"
+        )
         return _png(fig)
