@@ -179,3 +179,14 @@ def test_sensitivity_of_a_tiny_shared_model(tmp_path: Path, capsys: pytest.Captu
     assert f"     1  {top}" in out
     for r in rows:
         assert abs(r["perplexity"] / data["perplexity"] - 1 - r["delta"]) < 1e-9
+
+
+def test_text_is_set_in_matplotlibs_own_font() -> None:
+    """A system font of the same name (Debian's DejaVu) would change the pixels from machine to machine."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    with plots.RenderSettings():
+        family = matplotlib.rcParams["font.family"]
+        path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+    assert Path(path).resolve().is_relative_to(Path(matplotlib.get_data_path()).resolve()), path

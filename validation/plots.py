@@ -41,7 +41,7 @@ SIZE_PARTS = ("codes", "scales", "zero_points", "norms", "rope_tables", "graph")
 _PART_COLORS = ("#4c72b0", "#dd8452", "#937860", "#55a868", "#8172b3", "#8c8c8c")
 
 
-class _Rc:
+class RenderSettings:
     """matplotlib's defaults plus `_RC` for the duration of one rendering (whatever the machine's rc says)."""
 
     def __enter__(self) -> None:
@@ -104,7 +104,7 @@ def parity_plot_data(report: dict[str, Any]) -> dict[str, Any]:
 def parity_png(data: dict[str, Any]) -> bytes:
     """Per step (the prefill's mean, then each decode step): KL and top-1 against the reference and the
     twin, thresholds as dashed lines, failing points crossed out."""
-    with _Rc():
+    with RenderSettings():
         fig = Figure(figsize=(8.5, 5.6), layout="constrained")
         ax_kl, ax_top = fig.subplots(2, 1, sharex=True)
         steps = next(iter(data["steps"].values()))
@@ -172,7 +172,7 @@ def size_png(size: dict[str, Any], title: str) -> bytes:
     """The manifest's `size`: the artifact's bytes by kind as one stacked bar, the unique-weight minimum beside it."""
     breakdown, minimum = size["breakdown"], size["minimum_bytes"]
     scale, unit = _unit(max(breakdown["total"], minimum))
-    with _Rc():
+    with RenderSettings():
         fig = Figure(figsize=(8.5, 2.8), layout="constrained")
         ax = fig.subplots()
         left = 0.0
@@ -233,7 +233,7 @@ def bench_png(data: dict[str, Any]) -> bytes:
     rows = data["rows"]
     labels = [_bench_label(r) for r in rows]
     y = list(range(len(rows)))[::-1]
-    with _Rc():
+    with RenderSettings():
         fig = Figure(figsize=(11, 1.2 + 0.32 * len(rows)), layout="constrained")
         axes = fig.subplots(1, 3, sharey=True)
         panels = (
@@ -271,7 +271,7 @@ def sensitivity_png(result: dict[str, Any], top: int = 40) -> bytes:
     rows = result["rows"][:top]
     labels = [r["layer"] + ("" if r["application"] is None else f" @{r['application']}") for r in rows]
     values = [r["delta"] * 100 for r in rows]
-    with _Rc():
+    with RenderSettings():
         fig = Figure(figsize=(8.5, 1.4 + 0.22 * len(rows)), layout="constrained")
         ax = fig.subplots()
         y = list(range(len(rows)))[::-1]
