@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.real import cpu_features
+from mobilellm.exporter.atomic import write_atomic
 from mobilellm.exporter.bundle import artifact_bytes
 from mobilellm.exporter.measure import (
     bench_bundle_subprocess,
@@ -207,10 +209,41 @@ def run_suite(
                         )
                     )
                     print(json.dumps(rows[-1]), flush=True)
-    result = {"threads": threads, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "rows": rows}
+    result = {
+        "threads": threads,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+        "cpu": cpu_features(),
+        "rows": rows,
+    }
     (output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (output / "bench.md").write_text(bench_markdown(rows))
+    write_bench_chart(rows, output, bench_caption(result))
+    (output / "bench.md").write_text(bench_markdown(rows) + f"\n![{BENCH_CHART_ALT}]({BENCH_CHART})\n")
     return result
+
+
+BENCH_CHART, BENCH_CHART_DATA = "bench.png", "bench_chart.json"
+BENCH_CHART_ALT = "prefill and decode tokens/s and size per runtime, ours beside eager PyTorch and the peers"
+
+
+def bench_caption(result: dict[str, Any]) -> str:
+    return (
+        f"CPU: {result['cpu']}; {result['threads']} threads, {result['prompt_tokens']}-token prompt, "
+        f"{result['decode_tokens']} decoded tokens"
+    )
+
+
+def write_bench_chart(rows: list[dict[str, Any]], output: Path, caption: str) -> list[Path]:
+    """bench.png (validation/plots.py, deterministic) and the data it shows, bench_chart.json: the rows'
+    runtime, tokens/s and size as they are, and the caption naming the CPU and its SIMD features."""
+    # Imported here: the fresh measuring processes (`--one`, `--eager`) never load matplotlib.
+    from mobilellm.validation.plots import bench_chart_data, bench_png, plot_json
+
+    data = bench_chart_data(rows, caption)
+    return [
+        write_atomic(output / BENCH_CHART, bench_png(data)),
+        write_atomic(output / BENCH_CHART_DATA, plot_json(data)),
+    ]
 
 
 def peer_row(

@@ -31,17 +31,36 @@ MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_SCHEMA = Path(__file__).resolve().parent / "schemas" / "manifest.schema.json"
 GOLDEN_FILE = "golden.npz"
-# Written next to the artifact by export and validate, never read by a loader: not in `files`.
-REPORT_FILES = ("parity.json", "parity.md", "parity.junit.xml")
+# Written next to the artifact by export and validate, never read by a loader: not in `files`
+# (validation/reports.py ALL_REPORT_FILES: the reports, their pictures and the pictures' data).
+REPORT_FILES = (
+    "parity.json",
+    "parity.md",
+    "parity.junit.xml",
+    "parity.png",
+    "parity_plot.json",
+    "size.png",
+    "size.json",
+)
 # A bundle name: what lands in report titles, JUnit suite names and terminal output.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # One component of a path inside a bundle: no leading dot (so no '.', '..' or hidden files), no separators.
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}$")
 # A report being written when its process was killed (`atomic.write_atomic`): never read, removed by the next write.
-_REPORT_TEMP = re.compile(r"^\.(parity\.json|parity\.md|parity\.junit\.xml)\.tmp-\d+-[0-9a-f]{8}$")
+_REPORT_TEMP = re.compile(r"^\.(" + "|".join(map(re.escape, REPORT_FILES)) + r")\.tmp-\d+-[0-9a-f]{8}$")
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_BUNDLE_ENTRIES = 10_000
-_VERSIONED_PACKAGES = ("mobilellm-export", "torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime")
+# matplotlib renders the report pictures (their bytes depend on its version).
+_VERSIONED_PACKAGES = (
+    "mobilellm-export",
+    "torch",
+    "executorch",
+    "torchao",
+    "coremltools",
+    "onnx",
+    "onnxruntime",
+    "matplotlib",
+)
 
 
 def sha256_file(path: Path) -> str:

@@ -191,8 +191,24 @@ def inspect(
     no_ops: bool = typer.Option(
         False, "--no-ops", help="Skip the export-graph operator counts (they need a torch.export run)."
     ),
+    sensitivity: bool = typer.Option(
+        False,
+        "--sensitivity",
+        help="Instead: round each linear layer (and each application of a shared block) alone and rank them by "
+        "how much that moves perplexity on the calibration text; writes sensitivity.png and sensitivity.json.",
+    ),
+    bits: int = typer.Option(4, "--bits", help="With --sensitivity: the bit width each layer is rounded to."),
+    group_size: int = typer.Option(32, "--group-size", help="With --sensitivity: quantization group size."),
+    tokens: int = typer.Option(512, "--tokens", help="With --sensitivity: calibration tokens per measurement."),
+    output: Path = typer.Option(Path("."), "--output", "-o", help="With --sensitivity: where the chart and data go."),
 ) -> None:
-    """Describe a checkpoint: architecture, parameters, sharing, tokenizer, memory, export-graph op counts."""
+    """Describe a checkpoint: architecture, parameters, sharing, tokenizer, memory, export-graph op counts;
+    or, with --sensitivity, which layers quantization hurts most."""
+    if sensitivity:
+        from .sensitivity import run_sensitivity
+
+        typer.echo(run_sensitivity(checkpoint, config, bits, group_size, tokens, output))
+        return
     from .inspect import describe
 
     typer.echo(describe(checkpoint, config, max_seq_len, ops=not no_ops))
@@ -216,7 +232,7 @@ def validate(
     report_dir: Optional[Path] = typer.Option(
         None,
         "--report-dir",
-        help="Where parity.json/.md/.junit.xml go (default: the bundle; refused if it is read-only).",
+        help="Where parity.json/.md/.junit.xml and their pictures go (default: the bundle; refused if it is read-only).",
     ),
 ) -> None:
     """Re-run the parity check on a bundle; exit 0 pass, 1 parity failed, 2 bad input."""

@@ -252,7 +252,7 @@ def _export_all(
                     },
                     thresholds,
                 )
-                write_reports(report, tmp)
+                write_reports(report, tmp, manifest["size"])
                 parity_summary = {
                     "passed": result.passed,
                     "report": "parity.json",

@@ -359,8 +359,10 @@ def _pct(x: float, signed: bool = False) -> str:
     return f"{x * 100:+.2f}%" if signed else f"{x * 100:.1f}%"
 
 
-def markdown(report: dict[str, Any], links: dict[str, str]) -> str:
-    """One table, failures (and missing bundles) first, each bundle linked to its parity.md."""
+def markdown(report: dict[str, Any], links: dict[str, str], charts: dict[str, list[str]] | None = None) -> str:
+    """One table, failures (and missing bundles) first, each bundle linked to its parity.md and to its
+    pictures (`charts`: per bundle, links to parity.png and size.png where the bundle has them)."""
+    charts = charts or {}
     c = report["counts"]
     verdict = "PASS" if report["passed"] else "FAIL"
     lines = [
@@ -371,12 +373,12 @@ def markdown(report: dict[str, Any], links: dict[str, str]) -> str:
         f"v{report['schema_version']}).",
         "",
         "| parity | bundle (parity report) | target | bits | method | size | perplexity vs reference "
-        "| top-1 vs reference / twin | KL vs reference / twin | failed checks |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| top-1 vs reference / twin | KL vs reference / twin | failed checks | charts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in report["missing"]:
         lines.append(
-            f"| **MISSING** | {m['bundle']} | {m['target']} | {m['bits']} | | | | | | no bundle: its export did not finish |"
+            f"| **MISSING** | {m['bundle']} | {m['target']} | {m['bits']} | | | | | | no bundle: its export did not finish | |"
         )
     for e in sorted(report["bundles"], key=lambda e: (e["parity"]["passed"], *_entry_key(e))):
         p = e["parity"]
@@ -388,7 +390,8 @@ def markdown(report: dict[str, Any], links: dict[str, str]) -> str:
             f"| {status} | [{e['bundle']}]({links[e['bundle']]}) | {e['target']} | {e['bits']} | {e['method']} "
             f"| {human(e['bytes'])} | {_pct(p['ppl_delta_vs_reference'], True)} "
             f"| {_pct(p['top1_vs_reference'])} / {_pct(p['top1_vs_twin'])} "
-            f"| {p['kl_vs_reference']:.3g} / {p['kl_vs_twin']:.3g} | {failures.replace('|', '/')} |"
+            f"| {p['kl_vs_reference']:.3g} / {p['kl_vs_twin']:.3g} | {failures.replace('|', '/')} "
+            f"| {' · '.join(charts.get(e['bundle'], []))} |"
         )
     tools = sorted({json.dumps(e["tool"], sort_keys=True) for e in report["bundles"]})
     if len(tools) == 1:
@@ -411,8 +414,16 @@ def write_report(report: dict[str, Any], bundles: dict[str, Path], output: Path)
         name: Path(os.path.relpath(path.resolve() / "parity.md", output.resolve())).as_posix()
         for name, path in bundles.items()
     }
+    charts = {
+        name: [
+            f"[{label}]({Path(os.path.relpath(path.resolve() / picture, output.resolve())).as_posix()})"
+            for picture, label in (("parity.png", "parity"), ("size.png", "bytes"))
+            if (path / picture).is_file()
+        ]
+        for name, path in bundles.items()
+    }
     write_json(output / RELEASE_JSON, report)
-    (output / RELEASE_MD).write_text(markdown(report, links))
+    (output / RELEASE_MD).write_text(markdown(report, links, charts))
 
 
 @dataclass

@@ -136,5 +136,5 @@ def validate_bundle(
         },
         resolved,
     )
-    write_reports(report, out_dir)
+    write_reports(report, out_dir, manifest.get("size"))
     return result, report

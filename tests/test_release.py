@@ -106,6 +106,9 @@ def test_release_and_merge_give_the_same_report(tmp_path: Path, capsys: pytest.C
     merged = json.loads((tmp_path / "out" / "release.json").read_text())
     assert [m["bundle"] for m in merged["missing"]] == ["Tiny-onnx-4bit", "Tiny-onnx-16bit"]
     assert "](../partial/Tiny-onnx-8bit/parity.md)" in (tmp_path / "out" / "release.md").read_text()
+    # Every bundle's pictures are linked beside its report.
+    charts = "[parity](../partial/Tiny-onnx-8bit/parity.png) · [bytes](../partial/Tiny-onnx-8bit/size.png)"
+    assert charts in (tmp_path / "out" / "release.md").read_text()
 
     # Malformed bundles are refused (exit 2, one line): changed bytes, no parity, a folder that is no bundle.
     tampered = partial / "Tiny-onnx-8bit"

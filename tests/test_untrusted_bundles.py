@@ -278,7 +278,13 @@ def test_reports_replace_links_instead_of_writing_through_them(good_bundle: Path
     write_reports(report, reports)
     assert victim.read_text() == "keep me\n"
     assert not (reports / "parity.md").is_symlink() and "PASS" in (reports / "parity.md").read_text()
-    assert sorted(p.name for p in reports.iterdir()) == ["parity.json", "parity.junit.xml", "parity.md"]
+    assert sorted(p.name for p in reports.iterdir()) == [
+        "parity.json",
+        "parity.junit.xml",
+        "parity.md",
+        "parity.png",
+        "parity_plot.json",
+    ]
 
 
 def test_bundle_threads_do_not_set_the_validating_machines(good_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,6 @@
-"""Parity reports: `parity.json` (versioned schema), `parity.md` (for reviewers), `parity.junit.xml` (for CI)."""
+"""Parity reports: `parity.json` (versioned schema), `parity.md` (for reviewers, with its pictures),
+`parity.junit.xml` (for CI); `parity.png` (per step, its data in `parity_plot.json`) and, given the
+manifest's `size`, `size.png` (where the bytes go, its data in `size.json`)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,15 @@ from xml.etree import ElementTree as ET
 from mobilellm.exporter.atomic import remove_stale_temps, write_atomic
 
 from .parity import ParityResult
+from .plots import parity_plot_data, parity_png, plot_json, size_png
 
 REPORT_SCHEMA = "mobilellm-export/parity"
 REPORT_SCHEMA_VERSION = 2
 REPORT_FILES = ("parity.json", "parity.md", "parity.junit.xml")
+PARITY_PICTURE, PARITY_PICTURE_DATA = "parity.png", "parity_plot.json"
+SIZE_PICTURE, SIZE_PICTURE_DATA = "size.png", "size.json"
+# Every file `write_reports` may write (exporter/bundle.py REPORT_FILES allows the same in a bundle).
+ALL_REPORT_FILES = (*REPORT_FILES, PARITY_PICTURE, PARITY_PICTURE_DATA, SIZE_PICTURE, SIZE_PICTURE_DATA)
 SCHEMA_PATH = Path(__file__).resolve().parent / "parity.schema.json"
 
 
@@ -31,7 +38,7 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: dict[str, Any], size: dict[str, Any] | None = None) -> str:
     status = "PASS" if report["passed"] else "FAIL"
     lines = [
         f"### Parity: {report['bundle']} — **{status}**",
@@ -66,6 +73,25 @@ def markdown(report: dict[str, Any]) -> str:
         )
     if report["integrity_problems"]:
         lines += ["", "Integrity: " + ", ".join(report["integrity_problems"]) + " differ from manifest.json sha256."]
+    lines += [
+        "",
+        f"![KL and top-1 per step against the reference and the twin, thresholds dashed, failures crossed]({PARITY_PICTURE})",
+        "",
+        f"Per step: the prefill's mean, then each decode step; data in `{PARITY_PICTURE_DATA}`.",
+    ]
+    if size is not None:
+        b = size["breakdown"]
+        lines += [
+            "",
+            f"![where the artifact's bytes go, beside the unique-weight minimum]({SIZE_PICTURE})",
+            "",
+            f"Artifact {b['total']} bytes = {size['over_minimum']:.2f}x the unique-weight minimum ({size['minimum_bytes']} bytes): "
+            + ", ".join(
+                f"{k.replace('_', ' ')} {b[k]}"
+                for k in ("codes", "scales", "zero_points", "norms", "rope_tables", "graph")
+            )
+            + f"; data in `{SIZE_PICTURE_DATA}`.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -90,11 +116,22 @@ def junit(report: dict[str, Any]) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
+def write_reports(report: dict[str, Any], out_dir: Path, size: dict[str, Any] | None = None) -> list[Path]:
     """Each report through a temp file and a rename (`atomic.write_atomic`): never half-written, and a
-    symbolic link at a report's name is replaced, never written through."""
+    symbolic link at a report's name is replaced, never written through. `size` (the manifest's entry)
+    adds the bytes picture."""
 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
-    texts = (json.dumps(report, indent=2, sort_keys=True) + "\n", markdown(report), junit(report))
-    return [write_atomic(out_dir / name, text) for name, text in zip(REPORT_FILES, texts)]
+    plot = parity_plot_data(report)
+    files: dict[str, str | bytes] = {
+        "parity.json": json.dumps(report, indent=2, sort_keys=True) + "\n",
+        "parity.md": markdown(report, size),
+        "parity.junit.xml": junit(report),
+        PARITY_PICTURE: parity_png(plot),
+        PARITY_PICTURE_DATA: plot_json(plot),
+    }
+    if size is not None:
+        files[SIZE_PICTURE] = size_png(size, report["bundle"])
+        files[SIZE_PICTURE_DATA] = plot_json(size)
+    return [write_atomic(out_dir / name, data) for name, data in files.items()]
