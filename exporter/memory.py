@@ -1,7 +1,7 @@
 """The one size model: what a bundle's bytes are made of, the minimum they are measured against, and RAM.
 
-- `StorageBreakdown`: an artifact's bytes by kind (codes, scales, zero points, norms, rope tables, graph),
-  the same six keys for every target; each target fills it from its own file.
+- `StorageBreakdown`: an artifact's bytes by kind (codes, scales, zero points, embedding table, norms, rope
+  tables, graph), the same keys for every target; each target fills it from its own file.
 - `minimum_weight_bytes`: the yardstick every size ratio uses (manifest, bench, README): each unique
   weight once at the export's nominal bits (linears and an untied output projection at `--bits`, the
   table at its embedding bits), norm gains at fp16; no scales, no graph. Layer sharing and a shared
@@ -21,16 +21,17 @@ from .quantize import QuantizedModel, QuantizedWeight, QuantScheme, nbytes
 
 @dataclass(frozen=True)
 class StorageBreakdown:
-    codes: int = 0  # quantized (or float) weight values
+    codes: int = 0  # quantized (or float) weight values of the linears (an untied lm_head included)
     scales: int = 0
     zero_points: int = 0
+    embedding: int = 0  # the token-embedding table: its codes, scales and zero points together
     norms: int = 0  # RMSNorm gains
     rope_tables: int = 0
     graph: int = 0  # everything else in the artifact: program, metadata, alignment, copies a runtime needs
 
     @property
     def total(self) -> int:
-        return self.codes + self.scales + self.zero_points + self.norms + self.rope_tables + self.graph
+        return self.codes + self.scales + self.zero_points + self.embedding + self.norms + self.rope_tables + self.graph
 
     def to_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -74,16 +75,20 @@ def rope_table_bytes(cfg: ModelConfig, max_seq_len: int, bytes_per_value: int) -
 
 def quantized_storage(quantized: QuantizedModel) -> dict[str, int]:
     """Codes, scales and zero points of every stored weight as the quantizer produced them (each once)."""
-    out = {"codes": 0, "scales": 0, "zero_points": 0}
-    for value in quantized.weights.values():
+    out = {"codes": 0, "scales": 0, "zero_points": 0, "embedding": 0}
+    for name, value in quantized.weights.items():
+        table = name == "tok_embeddings.weight"
         if not isinstance(value, QuantizedWeight):
-            out["codes"] += value.numel() * value.element_size()
+            out["embedding" if table else "codes"] += value.numel() * value.element_size()
             continue
         bits = value.wq.bits
-        out["codes"] += value.codes.numel() * bits // 8
-        out["scales"] += value.scales.numel() * value.wq.scale_dtype.itemsize
-        if value.zeros is not None:
-            out["zero_points"] += -(-value.zeros.numel() * bits // 8)
+        parts = {
+            "codes": value.codes.numel() * bits // 8,
+            "scales": value.scales.numel() * value.wq.scale_dtype.itemsize,
+            "zero_points": 0 if value.zeros is None else -(-value.zeros.numel() * bits // 8),
+        }
+        for kind, nbytes_ in parts.items():
+            out["embedding" if table else kind] += nbytes_
     return out
 
 

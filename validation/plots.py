@@ -37,8 +37,8 @@ _FAIL = "#d62728"
 PARITY_METRICS = {"kl_divergence": "<=", "top1_decisive": ">="}
 KL_FLOOR = 1e-6  # a KL of 0 drawn on the log axis
 # The manifest's size breakdown, in drawing order (exporter/memory.py StorageBreakdown).
-SIZE_PARTS = ("codes", "scales", "zero_points", "norms", "rope_tables", "graph")
-_PART_COLORS = ("#4c72b0", "#dd8452", "#937860", "#55a868", "#8172b3", "#8c8c8c")
+SIZE_PARTS = ("codes", "scales", "zero_points", "embedding", "norms", "rope_tables", "graph")
+_PART_COLORS = ("#4c72b0", "#dd8452", "#937860", "#c44e52", "#55a868", "#8172b3", "#8c8c8c")
 
 
 class RenderSettings:
@@ -177,7 +177,7 @@ def size_png(size: dict[str, Any], title: str) -> bytes:
         ax = fig.subplots()
         left = 0.0
         for part, color in zip(SIZE_PARTS, _PART_COLORS):
-            value = breakdown[part]
+            value = breakdown.get(part, 0)  # bundles from before a part existed lack its key
             share = value / breakdown["total"] * 100 if breakdown["total"] else 0.0
             ax.barh(
                 1,

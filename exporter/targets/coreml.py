@@ -351,7 +351,9 @@ def _blob_breakdown(package: Path) -> dict[str, int]:
             seen.add(off)
             size = struct.unpack_from("<IIQ", data, off)[2]
             name = op.outputs[0].name if op.outputs else op.type
-            if key == "scale":
+            if name.startswith("tok_embeddings"):
+                kind = "embedding"  # the table's codes, scales and offsets together
+            elif key == "scale":
                 kind = "scales"
             elif key == "offset":
                 kind = "zero_points"
@@ -459,7 +461,9 @@ def export(
     breakdown = _blob_breakdown(package)
     eb = opts.resolved_embedding_bits()
     package_bytes = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
-    parts = {kind: breakdown.get(kind, 0) for kind in ("codes", "scales", "zero_points", "norms", "rope_tables")}
+    parts = {
+        kind: breakdown.get(kind, 0) for kind in ("codes", "scales", "zero_points", "embedding", "norms", "rope_tables")
+    }
     io = {
         "inputs": [
             {"name": "input_ids", "dtype": "int32", "shape": [1, f"1..{n}"]},

@@ -679,7 +679,7 @@ def initializer_report(onnx_model: Any) -> dict[str, Any]:
     rows = []
     digests: dict[str, str] = {}
     dupes = []
-    kinds = {"codes": 0, "scales": 0, "zero_points": 0, "norms": 0, "rope_tables": 0}
+    kinds = {"codes": 0, "scales": 0, "zero_points": 0, "embedding": 0, "norms": 0, "rope_tables": 0}
     for init in onnx_model.graph.initializer:
         arr = numpy_helper.to_array(init)
         d = hashlib.sha256(arr.tobytes() + str(arr.shape).encode() + str(arr.dtype).encode()).hexdigest()
@@ -698,6 +698,8 @@ def initializer_report(onnx_model: Any) -> dict[str, Any]:
 
 
 def _initializer_kind(name: str, ndim: int) -> str:
+    if name.startswith("model.embed_tokens."):
+        return "embedding"
     if name.endswith(".scales"):
         return "scales"
     if name.endswith(".zero_points"):
