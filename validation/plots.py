@@ -20,6 +20,8 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mobilellm.exporter.memory import human
+
 DPI = 100
 _RC = {
     "font.family": "DejaVu Sans",
@@ -63,14 +65,6 @@ def _png(fig: Figure) -> bytes:
 
 def plot_json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 # ------------------------------------------------------------------------------ parity
@@ -185,7 +179,7 @@ def size_png(size: dict[str, Any], title: str) -> bytes:
                 left=left,
                 color=color,
                 height=0.6,
-                label=f"{part.replace('_', ' ')} {human_bytes(value)} ({share:.0f}%)",
+                label=f"{part.replace('_', ' ')} {human(value)} ({share:.0f}%)",
             )
             left += value / scale
         ax.barh(
@@ -195,10 +189,10 @@ def size_png(size: dict[str, Any], title: str) -> bytes:
             edgecolor="#555555",
             hatch="//",
             height=0.6,
-            label=f"unique-weight minimum {human_bytes(minimum)}",
+            label=f"unique-weight minimum {human(minimum)}",
         )
-        ax.text(left, 1, f"  {human_bytes(breakdown['total'])} = {size['over_minimum']:.2f}x minimum", va="center")
-        ax.text(minimum / scale, 0, f"  {human_bytes(minimum)}", va="center")
+        ax.text(left, 1, f"  {human(breakdown['total'])} = {size['over_minimum']:.2f}x minimum", va="center")
+        ax.text(minimum / scale, 0, f"  {human(minimum)}", va="center")
         ax.set_yticks([0, 1], ["minimum", "artifact"])
         ax.set_xlim(0, max(left, minimum / scale) * 1.6)
         ax.set_xlabel(unit)
