@@ -124,3 +124,18 @@ def default_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
                 pytest.fail(message, pytrace=False)
             done.write_text(json.dumps({t: str(out / f"default-{t}-4bit") for t in DEFAULT_BUNDLE_TARGETS}))
         return {t: Path(p) for t, p in json.loads(done.read_text()).items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ONNX bundle at 8 bits (it passes parity), exported through the CLI; read-only for its users."""
+    from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
+    from mobilellm.exporter.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-onnx")
+    ckpt = save_checkpoint(
+        random_model(tiny_config(n_layers=1)), root / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model"
+    )
+    args = ["--checkpoint", str(ckpt), "--target", "onnx", "--bits", "8", "--max-seq-len", "32"]
+    assert invoke_cli([*args, "--output", str(root / "dist")]) == 0
+    return root / "dist" / "tiny-onnx-8bit"

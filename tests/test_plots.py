@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import invoke_cli, random_model, run_cli, tiny_config
+from conftest import random_model, run_cli, tiny_config
 from mobilellm.exporter import bundle as bundle_module
 from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
 from mobilellm.exporter.bundle import MANIFEST, open_bundle
@@ -41,15 +41,9 @@ def check_png(path: Path) -> tuple[int, int]:
     return width, height
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("plots")
-    ckpt = save_checkpoint(
-        random_model(tiny_config(n_layers=1)), root / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model"
-    )
-    args = ["--checkpoint", str(ckpt), "--target", "onnx", "--bits", "8", "--max-seq-len", "32"]
-    assert invoke_cli([*args, "--output", str(root / "dist")]) == 0
-    return root / "dist" / "tiny-onnx-8bit"
+@pytest.fixture
+def bundle(tiny_onnx_bundle: Path) -> Path:
+    return tiny_onnx_bundle
 
 
 def _check_report_pictures(folder: Path, manifest: dict) -> None:

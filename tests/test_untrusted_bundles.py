@@ -19,23 +19,15 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import invoke_cli, random_model, run_cli, snapshot, tiny_config
-from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
+from conftest import run_cli, snapshot
 from mobilellm.exporter.bundle import MANIFEST, sha256_file
-from mobilellm.exporter.checkpoint import save_checkpoint
 from mobilellm.validation.reports import write_reports
 
 
-@pytest.fixture(scope="module")
-def good_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ONNX bundle at 8 bits (it passes parity), exported through the CLI."""
-    root = tmp_path_factory.mktemp("untrusted")
-    ckpt = save_checkpoint(
-        random_model(tiny_config(n_layers=1)), root / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model"
-    )
-    args = ["--checkpoint", str(ckpt), "--target", "onnx", "--bits", "8", "--max-seq-len", "32"]
-    assert invoke_cli([*args, "--output", str(root / "dist")]) == 0
-    return root / "dist" / "tiny-onnx-8bit"
+@pytest.fixture
+def good_bundle(tiny_onnx_bundle: Path) -> Path:
+    """A tiny ONNX bundle at 8 bits (it passes parity); cases copy it before changing anything."""
+    return tiny_onnx_bundle
 
 
 def manifest_of(bundle: Path) -> dict:

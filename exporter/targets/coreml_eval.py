@@ -233,37 +233,33 @@ def _f32(x: Any) -> np.ndarray:
     return np.asarray(x).astype(np.float32) if np.asarray(x).dtype.kind == "f" else np.asarray(x)
 
 
-def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Op:
+def _elementwise(fn: Callable[[np.ndarray, np.ndarray], np.ndarray], float_dtype: type = np.float32) -> Op:
+    """MIL elementwise binary op on x, y with numpy broadcasting: floats computed in `float_dtype`, integers
+    in int64."""
+
     def run(a: dict[str, Any], ev: "CoreMLEvaluator") -> Any:
         x, y = np.asarray(a["x"]), np.asarray(a["y"])
         if x.dtype.kind == "f" or y.dtype.kind == "f":
-            return fn(x.astype(np.float32), y.astype(np.float32))
+            return fn(x.astype(float_dtype), y.astype(float_dtype))
         return fn(x.astype(np.int64), y.astype(np.int64))
 
     return run
 
 
-_op("add")(_binary(np.add))
-_op("sub")(_binary(np.subtract))
-_op("mul")(_binary(np.multiply))
-_op("real_div")(_binary(lambda x, y: x / y))
-_op("maximum")(_binary(np.maximum))
-_op("minimum")(_binary(np.minimum))
-_op("pow")(_binary(np.power))
+_op("add")(_elementwise(np.add))
+_op("sub")(_elementwise(np.subtract))
+_op("mul")(_elementwise(np.multiply))
+_op("real_div")(_elementwise(lambda x, y: x / y))
+_op("maximum")(_elementwise(np.maximum))
+_op("minimum")(_elementwise(np.minimum))
+_op("pow")(_elementwise(np.power))
 
 
 def _compare(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Op:
     """MIL comparison (iOS15 elementwise_binary with a bool result): x, y of one type T in {fp16, fp32,
     int32}, numpy broadcasting. Compared exactly: every fp16/fp32 value is exact in float64, every
     int32 in int64 (a float32 compare would merge int32 values above 2^24)."""
-
-    def run(a: dict[str, Any], ev: "CoreMLEvaluator") -> Any:
-        x, y = np.asarray(a["x"]), np.asarray(a["y"])
-        if x.dtype.kind == "f" or y.dtype.kind == "f":
-            return fn(x.astype(np.float64), y.astype(np.float64))
-        return fn(x.astype(np.int64), y.astype(np.int64))
-
-    return run
+    return _elementwise(fn, np.float64)
 
 
 # coremltools' guard_negative_gather_indices pass (iOS17+, gather with signed dynamic indices, e.g. token

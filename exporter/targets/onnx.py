@@ -963,7 +963,7 @@ def generate(
         )
     ids = [int(i) for i in tokenizer.encode(text)]
     params = og.GeneratorParams(model)
-    options: dict[str, Any] = {"max_length": min(len(ids) + request.max_new_tokens, _context_length(bundle_dir))}
+    options: dict[str, Any] = {"max_length": min(len(ids) + request.max_new_tokens, int(manifest["max_context"]))}
     if request.temperature > 0:
         options.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
         if request.seed is not None:
@@ -996,10 +996,6 @@ def generate(
         prefill_tokens_per_s=len(ids) / prefill_s if prefill_s > 0 else float("inf"),
         decode_tokens_per_s=len(out) / decode_s if decode_s > 0 and out else 0.0,
     )
-
-
-def _context_length(bundle_dir: Path) -> int:
-    return int(json.loads((Path(bundle_dir) / "genai_config.json").read_text())["model"]["context_length"])
 
 
 TARGET = FunctionTarget(NAME, quant_scheme, export, open_runtime, generate)
