@@ -32,7 +32,7 @@ import torch
 from mobilellm.validation.parity import resolve_thresholds
 from mobilellm.validation.reports import SCHEMA_PATH as PARITY_SCHEMA_PATH
 
-from .bundle import MANIFEST, artifact_bytes, read_manifest, sha256_file, write_json
+from .bundle import MANIFEST, Bundle, artifact_bytes, open_bundle, sha256_file, write_json
 from .errors import ParityError, UserError
 from .hub import is_hub_id, resolve_hub_id
 from .memory import human
@@ -265,7 +265,11 @@ def run_jobs(jobs: list[Job], checkpoints: dict[str, Path], output: Path, n_jobs
 # ----------------------------------------------------------------------------- the report
 def read_release_bundle(bundle: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The manifest and parity report of a finished bundle, checked to belong together; UserError otherwise."""
-    manifest = read_manifest(bundle)
+    return _read_release_bundle(open_bundle(bundle))
+
+
+def _read_release_bundle(opened: Bundle) -> tuple[dict[str, Any], dict[str, Any]]:
+    bundle, manifest = opened.root, opened.manifest
     summary = manifest["parity"]
     if summary is None:
         raise UserError(
@@ -291,17 +295,13 @@ def read_release_bundle(bundle: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return manifest, report
 
 
-def recheck(bundle: Path, report: dict[str, Any]) -> list[str]:
+def recheck(bundle: Path | Bundle, report: dict[str, Any]) -> list[str]:
     """Parity re-run on this machine from the bundle's golden data, with the thresholds it was gated with
     (as `validate` runs it; the bundle is not written to). Returns the failures; UserError for a bundle
-    whose bytes differ from its manifest or whose artifact does not load."""
+    whose bytes differ from its manifest (refused by `open_bundle` before anything is parsed) or whose
+    artifact does not load."""
     with tempfile.TemporaryDirectory() as tmp:
         result, _ = validate_bundle(bundle, thresholds=report["thresholds"], report_dir=Path(tmp))
-    if result.integrity_problems:
-        raise UserError(
-            f"{bundle}: {', '.join(result.integrity_problems)} differ from the sha256 in manifest.json; "
-            "re-download or re-export the bundle"
-        )
     return [] if result.passed else result.failures()
 
 
@@ -484,20 +484,21 @@ def merge(paths: list[Path], output: Path, expected: list[Job] | None) -> Outcom
     recipe without its bundle fails the release."""
     by_name = {job.bundle: job for job in expected} if expected is not None else None
     bundles: dict[str, Path] = {}
-    read: list[tuple[Path, dict[str, Any], dict[str, Any]]] = []
-    for bundle in find_bundles(paths):  # every cheap check first: bad input fails in seconds
-        manifest, report = read_release_bundle(bundle)
+    read: list[tuple[Path, Bundle, dict[str, Any], dict[str, Any]]] = []
+    for bundle in find_bundles(paths):  # every bundle's checks first: bad input fails before any parity run
+        opened = open_bundle(bundle)  # sha256 of every file, once: the re-check below reuses it
+        manifest, report = _read_release_bundle(opened)
         name = manifest["name"]
         if name in bundles:
             raise UserError(f"{bundle} and {bundles[name]} are both the bundle {name}; pass each bundle once")
         if by_name is not None:
             _check_expected(bundle, manifest, report, by_name)
         bundles[name] = bundle
-        read.append((bundle, manifest, report))
+        read.append((bundle, opened, manifest, report))
     entries = []
-    for i, (bundle, manifest, report) in enumerate(read, 1):
+    for i, (bundle, opened, manifest, report) in enumerate(read, 1):
         print(f"merge: [{i}/{len(read)}] re-checking {bundle}", file=sys.stderr, flush=True)
-        entries.append(release_entry(bundle, manifest, report, recheck(bundle, report)))
+        entries.append(release_entry(bundle, manifest, report, recheck(opened, report)))
     missing = [job for name, job in (by_name or {}).items() if name not in bundles]
     report = build_report(entries, missing)
     write_report(report, bundles, output)

@@ -22,7 +22,7 @@ from mobilellm.validation.sequences import TorchRuntime
 
 from .assets import heldout_text
 from .atomic import check_writable
-from .bundle import open_bundle
+from .bundle import Bundle, open_bundle
 from .checkpoint import load_checkpoint
 from .errors import UserError, loading
 from .export_model import ExportModel
@@ -96,7 +96,7 @@ class CheckedRuntime(TargetRuntime):
 
 
 def validate_bundle(
-    bundle: Path,
+    bundle: Path | Bundle,
     checkpoint: Path | None = None,
     thresholds: dict[str, float] | None = None,
     report_dir: Path | None = None,
@@ -104,7 +104,7 @@ def validate_bundle(
 ) -> tuple[ParityResult, dict[str, Any]]:
     """Every check of `open_bundle` first (paths, links, unknown files, sizes, sha256), then the golden
     data (bounded, range-checked) or `checkpoint`'s recomputation, then the artifact's own runtime."""
-    opened = open_bundle(bundle)
+    opened = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)  # a Bundle: already checked
     manifest, root = opened.manifest, opened.root
     module = load_target(manifest["target"])
     resolved = resolve_thresholds(manifest["bits"], thresholds)
@@ -119,7 +119,7 @@ def validate_bundle(
     if checkpoint:
         golden = golden_from_checkpoint(checkpoint, manifest, config)
     elif GOLDEN_FILE not in manifest["files"]:
-        raise UserError(f"{bundle}: no {GOLDEN_FILE} in the bundle; re-export it or pass --checkpoint")
+        raise UserError(f"{root}: no {GOLDEN_FILE} in the bundle; re-export it or pass --checkpoint")
     else:
         golden = Golden.load(root / GOLDEN_FILE, vocab, manifest["max_context"])
     artifact = root / manifest["artifact"]
