@@ -270,3 +270,20 @@ def test_f32_pte_equals_reference(f32):
     # returned last-position logits and rows were rebuilt from several calls.
     again = run_runtime(rt, tokens, PREFILL)
     np.testing.assert_allclose(again, pte, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("bits", "sharing", "custom_ops"),
+    [(4, "immediate", True), (8, "none", True)],
+)
+def test_fast_lowering_writes_the_stock_lowerings_bytes(bits, sharing, custom_ops):
+    """The skipped XNNPACK passes and the skipped decomposition round trip change nothing in the .pte."""
+    cfg = tiny_config(n_layers=1, vocab_size=VOCAB, sharing=sharing)
+    opts = TargetOptions(bits=bits, group_size=32, max_seq_len=32)
+    model = ExportModel.from_reference(random_model(cfg), ExportSettings(max_seq_len=opts.max_seq_len))
+    quantized = quantize_model(model, et.quant_scheme(opts))
+    meta = {"get_max_seq_len": opts.max_seq_len}
+    fast, _ = et.lower_to_pte(model, quantized, meta, custom_ops, fast_lowering=True)
+    stock, _ = et.lower_to_pte(model, quantized, meta, custom_ops, fast_lowering=False)
+    assert len(fast) == len(stock)
+    assert fast == stock
