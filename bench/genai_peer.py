@@ -251,10 +251,10 @@ def main() -> None:
     if a.hf_dir is None:
         ap.error("--hf-dir is required")
     peer = build_genai_peer(a.hf_dir, a.out / a.precision, a.precision)
-    models = {"builder": Path(peer["path"])} | {f"ours:{p.name}": p for p in a.ours}
+    models = {"builder": Path(peer["path"])} | {f"ours:{p}": p for p in a.ours}  # full paths: bundle names repeat
     if a.profile:
         for label, path in models.items():
-            prof = a.profile / label.replace(":", "_")
+            prof = a.profile / label.replace(":", "_").replace("/", "_")
             time_genai_subprocess(path, a.threads, a.prompt_tokens, a.decode_tokens, prof)
             newest = max(prof.glob("ort_profile*.json"), key=lambda p: p.stat().st_mtime)
             ops = op_times_per_decode_token(newest, a.decode_tokens, path / "model.onnx")
