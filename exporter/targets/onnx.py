@@ -30,7 +30,8 @@ emits the others for measurement and as a fallback.
 Graph I/O (onnxruntime-genai "decoder" layout, one KV pair per block *application*):
   input_ids int64 [batch, seq], attention_mask int64 [batch, total_seq], position_ids int64 [batch, seq],
   past_key_values.{i}.key/value float32 [batch, n_kv_heads, past_seq, head_dim]
-  -> logits float32 [batch, seq, vocab], present.{i}.key/value float32 [batch, n_kv_heads, total_seq, head_dim]
+  (+ optional logits_to_keep int64 [1], default 1)
+  -> logits float32 [batch, 1, vocab] (the last logits_to_keep positions), present.{i}.key/value float32 [batch, n_kv_heads, total_seq, head_dim]
 """
 
 from __future__ import annotations
