@@ -191,10 +191,11 @@ def time_genai_subprocess(
 
 
 # ----------------------------------------------------------------------------- profiles
-def op_times_per_decode_token(profile_json: Path, decode_tokens: int) -> dict[str, float]:
+def op_times_per_decode_token(profile_json: Path, decode_tokens: int, model_path: Path) -> dict[str, float]:
     """Kernel microseconds per op type per decode token from an onnxruntime profile of one time_genai
     run: the last `decode_tokens` model runs are the decode steps."""
     events = json.loads(Path(profile_json).read_text())
+    labels = _matmulnbits_labels(model_path)
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
     decode = runs[-decode_tokens:]
     start = decode[0][0]
@@ -202,9 +203,23 @@ def op_times_per_decode_token(profile_json: Path, decode_tokens: int) -> dict[st
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
             totals[e["args"]["op_name"]] += e["dur"]
-    totals["(all kernels)"] = sum(totals.values())
+            if e["args"]["op_name"] == "MatMulNBits":  # split by shape and precision
+                totals[labels.get(e["name"].removesuffix("_kernel_time"), "  MatMulNBits ?")] += e["dur"]
+    totals["(all kernels)"] = sum(v for k, v in totals.items() if not k.startswith(" "))
     totals["(model_run wall)"] = sum(b - a for a, b in decode)
     return {k: v / decode_tokens for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def _matmulnbits_labels(model_path: Path) -> dict[str, str]:
+    """Node name -> '  MatMulNBits NxK b-bit block B' (the profile shows prepacked weights, not their shape)."""
+    import onnx
+
+    labels = {}
+    for node in onnx.load(str(model_path), load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            labels[node.name] = f"  MatMulNBits {a['N']}x{a['K']} {a['bits']}-bit block {a['block_size']}"
+    return labels
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -236,13 +251,13 @@ def main() -> None:
     if a.hf_dir is None:
         ap.error("--hf-dir is required")
     peer = build_genai_peer(a.hf_dir, a.out / a.precision, a.precision)
-    models = {"builder": Path(peer["path"])} | {f"ours:{p.name}": p for p in a.ours}
+    models = {"builder": Path(peer["path"])} | {f"ours:{p}": p for p in a.ours}  # full paths: bundle names repeat
     if a.profile:
         for label, path in models.items():
-            prof = a.profile / label.replace(":", "_")
+            prof = a.profile / label.replace(":", "_").replace("/", "_")
             time_genai_subprocess(path, a.threads, a.prompt_tokens, a.decode_tokens, prof)
             newest = max(prof.glob("ort_profile*.json"), key=lambda p: p.stat().st_mtime)
-            ops = op_times_per_decode_token(newest, a.decode_tokens)
+            ops = op_times_per_decode_token(newest, a.decode_tokens, path / "model.onnx")
             print(f"## {label}: kernel us per decode token ({newest})")
             for op, us in ops.items():
                 print(f"  {op:40s} {us:10.1f}")

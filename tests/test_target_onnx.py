@@ -160,7 +160,10 @@ def test_unfused_graph_and_unfused_linears_match_twin(tmp_path: Path) -> None:
     opts = TargetOptions(bits=4, max_seq_len=MAX_SEQ, layer_bits=())  # uniform 4-bit: this test is about graph forms
     tokens = _tokens(model.config.vocab_size)
     for i, graph in enumerate(
-        (onnx_target.GraphOptions.unfused(), onnx_target.GraphOptions(rotary="op", accuracy_level_4bit=0))
+        (
+            onnx_target.GraphOptions.unfused(),
+            onnx_target.GraphOptions(rotary="op", accuracy_level_4bit=0, prune_logits=False),
+        )
     ):
         scheme = onnx_target.quant_scheme(opts, graph)
         ex = _export(tmp_path / str(i), model, opts, graph)
@@ -190,11 +193,17 @@ def test_dynamic_batch_and_rewind(exported4: Exported) -> None:
     for i in range(n_app):
         for kind in ("key", "value"):
             feed[f"past_key_values.{i}.{kind}"] = np.zeros((2, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
-    logits = sess.run(["logits"], feed)[0]
+    logits = sess.run(["logits"], feed | {"logits_to_keep": np.array([7], np.int64)})[0]
+    # Not fed (as onnxruntime-genai runs it): the output projection runs on the last position only.
+    last = sess.run(["logits"], feed)[0]
+    assert last.shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_allclose(last[:, 0], logits[:, -1], atol=1e-5)
     rt = onnx_target.open_runtime(exported.bundle, {}, threads=1)
     for row, toks in enumerate((a, b)):
         rt.reset()
         np.testing.assert_allclose(logits[row], rt.forward(toks, 0), atol=1e-4)
+        rt.reset()
+        np.testing.assert_allclose(logits[row, -1:], rt.forward_last(toks, 0), atol=1e-4)
     # Rewinding to an earlier position drops the cache beyond it.
     rt.reset()
     full = rt.forward(a, 0)
@@ -312,7 +321,8 @@ def test_io_layout_and_genai_config(exported: Exported) -> None:
         f"past_key_values.{i}.{k}" for i in range(n_app) for k in ("key", "value")
     }
     assert ins["past_key_values.0.key"] == ["batch_size", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
-    assert outs["logits"] == ["batch_size", "sequence_length", cfg.vocab_size]
+    assert outs["logits"] == ["batch_size", 1, cfg.vocab_size]  # the last position unless logits_to_keep says more
+    assert [i.name for i in sess.get_overridable_initializers()] == ["logits_to_keep"]
     assert set(outs) == {"logits"} | {f"present.{i}.{k}" for i in range(n_app) for k in ("key", "value")}
     genai = json.loads((exported.bundle / "genai_config.json").read_text())
     dec = genai["model"]["decoder"]

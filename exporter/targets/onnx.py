@@ -30,7 +30,8 @@ emits the others for measurement and as a fallback.
 Graph I/O (onnxruntime-genai "decoder" layout, one KV pair per block *application*):
   input_ids int64 [batch, seq], attention_mask int64 [batch, total_seq], position_ids int64 [batch, seq],
   past_key_values.{i}.key/value float32 [batch, n_kv_heads, past_seq, head_dim]
-  -> logits float32 [batch, seq, vocab], present.{i}.key/value float32 [batch, n_kv_heads, total_seq, head_dim]
+  (+ optional logits_to_keep int64 [1], default 1)
+  -> logits float32 [batch, 1, vocab] (the last logits_to_keep positions), present.{i}.key/value float32 [batch, n_kv_heads, total_seq, head_dim]
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ class DecoderIO:
     past_value: str = "past_key_values.%d.value"
     present_key: str = "present.%d.key"
     present_value: str = "present.%d.value"
+    # Optional input (an overridable initializer, default [1]): logits are computed for the last
+    # `logits_to_keep` positions only. onnxruntime-genai never feeds it (it reads the last row); the
+    # validation runtime feeds the sequence length to get every position's logits.
+    logits_to_keep: str = "logits_to_keep"
 
     def past(self, i: int) -> tuple[str, str]:
         return self.past_key % i, self.past_value % i
@@ -130,6 +135,9 @@ class GraphOptions:
     )
     accuracy_level_4bit: int = DEFAULT_ACCURACY_LEVEL_4BIT
     accuracy_level_8bit: int = DEFAULT_ACCURACY_LEVEL_8BIT
+    # The output projection runs on the last `logits_to_keep` positions only (default 1, overridable
+    # input): a 128-token prefill skips 127 of 128 rows of the largest matmul. False: every position.
+    prune_logits: bool = True
 
     def accuracy_level(self, bits: int) -> int:
         return self.accuracy_level_4bit if bits == 4 else self.accuracy_level_8bit
@@ -454,7 +462,11 @@ class _Builder:
             helper.make_tensor_value_info(IO.attention_mask, TensorProto.INT64, [B, T]),
             helper.make_tensor_value_info(IO.position_ids, TensorProto.INT64, [B, S]),
         ]
-        outputs = [helper.make_tensor_value_info(IO.logits, TensorProto.FLOAT, [B, S, cfg.vocab_size])]
+        # genai sizes its logits buffer from this shape: a 1 there is how it knows the graph is pruned
+        # (as onnxruntime-genai's builder declares it with prune_lm_head). logits_to_keep > 1 (validation
+        # only) then returns more rows than declared, which onnxruntime allows.
+        L = 1 if self.graph_options.prune_logits else S
+        outputs = [helper.make_tensor_value_info(IO.logits, TensorProto.FLOAT, [B, L, cfg.vocab_size])]
         for i in range(n_app):
             inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, kv_shape(P)) for name in IO.past(i)]
             outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, kv_shape(T)) for name in IO.present(i)]
@@ -575,6 +587,14 @@ class _Builder:
             act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up])
             nxt = blocks[m.schedule[i + 1]]["attention_norm"] if i + 1 < n_app else final_norm
             x, h = self.add_rms(self.linear(act, w["w2"]), h, nxt)
+        if self.graph_options.prune_logits:
+            inputs.append(helper.make_tensor_value_info(IO.logits_to_keep, TensorProto.INT64, [1]))
+            # Its default is an initializer of the input's name; int64_data (not raw bytes) keeps it in
+            # model.onnx, so the external data file stays exactly the weights.
+            g.inits[IO.logits_to_keep] = helper.make_tensor(IO.logits_to_keep, TensorProto.INT64, [1], [1])
+            g.init_kind[IO.logits_to_keep] = "io"
+            start = g.node("Neg", [IO.logits_to_keep])
+            x = g.node("Slice", [x, start, g.const([np.iinfo(np.int64).max]), g.const([1])])
         if out_w.wq.bits < 16:
             g.node(
                 "MatMulNBits",
@@ -672,7 +692,8 @@ class _Builder:
 
 # ----------------------------------------------------------------------------- sizes
 def initializer_report(onnx_model: Any) -> dict[str, Any]:
-    """Count/bytes of weight initializers and whether any two hold identical bytes."""
+    """Count/bytes of weight initializers and whether any two hold identical bytes (an input's default,
+    `logits_to_keep`, is not a weight and is left out)."""
 
     from onnx import numpy_helper
 
@@ -681,6 +702,8 @@ def initializer_report(onnx_model: Any) -> dict[str, Any]:
     dupes = []
     kinds = {"codes": 0, "scales": 0, "zero_points": 0, "embedding": 0, "norms": 0, "rope_tables": 0}
     for init in onnx_model.graph.initializer:
+        if init.name == IO.logits_to_keep:
+            continue
         arr = numpy_helper.to_array(init)
         d = hashlib.sha256(arr.tobytes() + str(arr.shape).encode() + str(arr.dtype).encode()).hexdigest()
         if d in digests and arr.size > 1:
@@ -754,9 +777,26 @@ def export(
             {"name": IO.attention_mask, "dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
             {"name": IO.position_ids, "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
         ]
-        + [{"name": name, "dtype": "float32", "shape": kv_past} for i in range(n_app) for name in IO.past(i)],
+        + [{"name": name, "dtype": "float32", "shape": kv_past} for i in range(n_app) for name in IO.past(i)]
+        + (
+            [
+                {
+                    "name": IO.logits_to_keep,
+                    "dtype": "int64",
+                    "shape": [1],
+                    "description": "optional, default 1: logits of the last N positions (onnxruntime-genai "
+                    "reads the last; feed the sequence length for every position's)",
+                }
+            ]
+            if graph.prune_logits
+            else []
+        ),
         "outputs": [
-            {"name": IO.logits, "dtype": "float32", "shape": ["batch_size", "sequence_length", cfg.vocab_size]},
+            {
+                "name": IO.logits,
+                "dtype": "float32",
+                "shape": ["batch_size", 1 if graph.prune_logits else "sequence_length", cfg.vocab_size],
+            },
         ]
         + [{"name": name, "dtype": "float32", "shape": kv_total} for i in range(n_app) for name in IO.present(i)],
         "kv_pairs": n_app,
@@ -895,6 +935,8 @@ class OnnxRuntime(TargetRuntime):
         past = next(i for i in self.session.get_inputs() if i.name == IO.past(0)[0])
         self.kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
         self.output_names = [IO.logits] + [name for i in range(self.n_pairs) for name in IO.present(i)]
+        # A graph with pruned logits computes every position's only when told to (validation reads them all).
+        self.prunes_logits = any(i.name == IO.logits_to_keep for i in self.session.get_overridable_initializers())
         self.reset()
 
     def reset(self) -> None:
@@ -903,6 +945,13 @@ class OnnxRuntime(TargetRuntime):
         self.length = 0
 
     def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        return self._step(tokens, start, last_only=False)
+
+    def forward_last(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        """The last position's logits [1, vocab]; a pruned graph then skips the other rows' output projection."""
+        return self._step(tokens, start, last_only=True)[-1:]
+
+    def _step(self, tokens: np.ndarray, start: int, last_only: bool) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if start > self.length:
             raise ValueError(f"position {start} is past the cached length {self.length}")
@@ -914,6 +963,8 @@ class OnnxRuntime(TargetRuntime):
             IO.attention_mask: np.ones((1, start + s), np.int64),
             IO.position_ids: np.arange(start, start + s, dtype=np.int64)[None],
         }
+        if self.prunes_logits:
+            feed[IO.logits_to_keep] = np.array([1 if last_only else s], np.int64)
         for i in range(self.n_pairs):
             feed[IO.past_key % i], feed[IO.past_value % i] = self.past[2 * i], self.past[2 * i + 1]
         out = self.session.run(self.output_names, feed)
