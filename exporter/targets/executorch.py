@@ -284,7 +284,7 @@ def _pattern_targets(patterns: Any) -> list[set[Any]]:
 
 
 @contextlib.contextmanager
-def skip_inapplicable_xnnpack_passes() -> Iterator[dict[str, int]]:
+def skip_inapplicable_xnnpack_passes() -> Iterator[None]:
     """XNNPACK's preprocess runs 17 graph passes on every partition, each re-tracing the partition
     (~60 ms a pass at 125M widths, 90-180 partitions). Nine rewrite only ops a MobileLLM graph does
     not have (batch norm, convolution, prelu, padding, relu/hardtanh, the upsample and SDPA patterns,
@@ -313,7 +313,6 @@ def skip_inapplicable_xnnpack_passes() -> Iterator[dict[str, int]]:
         xp.ConvertToUpsampleBilinear2d: _pattern_targets(bilinear_2d.get_graphs_dict()),
         xp.ConvertToSDPAPass: _pattern_targets(sdpa.get_graphs()),
     }
-    counts = {"run": 0, "skipped": 0}
 
     def applies(pass_: type, ep: Any) -> bool:
         if pass_ not in any_of and pass_ not in all_of:
@@ -326,17 +325,14 @@ def skip_inapplicable_xnnpack_passes() -> Iterator[dict[str, int]]:
     def transform(self: Any) -> Any:  # XNNPACKPassManager.transform, minus inapplicable passes
         ep = self.exported_program
         for pass_ in self.passes:
-            if not applies(pass_, ep):
-                counts["skipped"] += 1
-                continue
-            counts["run"] += 1
-            ep = _transform(ep, pass_(ep) if issubclass(pass_, xp.XNNPACKPass) else pass_())
+            if applies(pass_, ep):
+                ep = _transform(ep, pass_(ep) if issubclass(pass_, xp.XNNPACKPass) else pass_())
         return ep
 
     original = xp.XNNPACKPassManager.transform
     xp.XNNPACKPassManager.transform = transform
     try:
-        yield counts
+        yield
     finally:
         xp.XNNPACKPassManager.transform = original
 
