@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 parity failed, 2 user error (bad input), 3 internal err
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import logging
@@ -118,6 +119,13 @@ def export(
     name: Optional[str] = typer.Option(
         None, "--name", help="Bundle name prefix (default: the checkpoint's folder name)."
     ),
+    jobs: Optional[int] = typer.Option(
+        None,
+        "--jobs",
+        "-j",
+        min=1,
+        help="Targets exported at once, each in its own process. Default: 2 on 2+ cores when memory allows, else 1.",
+    ),
 ) -> None:
     """Export a checkpoint (the default command)."""
     if ctx.invoked_subcommand is not None:
@@ -145,7 +153,7 @@ def export(
         thresholds=parse_thresholds(threshold),
         name=name,
     )
-    run_export(options)
+    run_export(dataclasses.replace(options, jobs=jobs))
 
 
 def parse_layer_bits(items: list[str] | None) -> dict[str, int] | None:

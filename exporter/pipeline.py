@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import multiprocessing
+import os
 import re
 import shutil
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ParityError, UserError
 from .export_model import ExportModel, ExportSettings
 from .memory import human
-from .progress import stage
+from .progress import log, stage
 from .quantize import (
     QuantizedModel,
     calibration_windows,
@@ -42,10 +45,6 @@ from .quantize import (
 from .recipe import ExportOptions
 from .targets import RunnerMetadata, Target, TargetOptions, load_target
 from .tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, load_tokenizer, parity_tokens, write_tokenizer_json
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def bundle_name(options: ExportOptions, ckpt: Checkpoint, target: str) -> str:
@@ -196,100 +195,221 @@ def _export_all(
     thresholds: dict[str, float],
     tokens: Any,
 ) -> list[Path]:
-    reference = ReferenceRuntime(ckpt.model)
     calibration = calibration_windows(ckpt, opts.method, opts.max_seq_len)
     # The fp32 export model's layer inputs are the same for every target: collected once.
     hessians = collect_hessians(ExportModel.from_reference(ckpt.model, settings), calibration) if calibration else {}
-
-    written: list[Path] = []
-    failed: list[str] = []
-    for module in modules:
-        name = bundle_name(options, ckpt, module.NAME)
-        final = options.output / name
-        t0 = time.time()
-        log(f"[{module.NAME}] exporting {ckpt.name} at {opts.bits} bits ...")
-        with staging(final) as tmp:
-            model = ExportModel.from_reference(ckpt.model, settings)
-            quantized = quantize(model, module.quant_scheme(opts), hessians, opts.method.act_order, module.NAME)
-            artifact = module.export(model, quantized, ckpt, opts, tmp)
-            export_seconds = time.time() - t0
-            # Timings differ run to run: logged, kept out of the manifest so bundles are reproducible.
-            timings = {k: artifact.info.pop(k) for k in [k for k in artifact.info if k.endswith("_seconds")]}
-            if timings:
-                log(f"[{module.NAME}] timings: {timings}")
-            tok_name = ckpt.tokenizer_path.name
-            shutil.copy(ckpt.tokenizer_path, tmp / tok_name)
-            # Every bundle carries tokenizer.json (Hugging Face tokenizers format: what swift-transformers,
-            # onnxruntime-genai and ExecuTorch's runners read) beside the original file.
-            tok_files = [f for f in (TOKENIZER_JSON, TOKENIZER_CONFIG) if f in artifact.files]
-            if not tok_files:
-                tok_files = write_tokenizer_json(
-                    tmp, ckpt.tokenizer_path, ckpt.config.max_context, ckpt.config.bos_id, ckpt.config.eos_id
-                )[0]
-            parity_summary = None
-            if options.parity:
-                twin = fake_quantized_twin(model, quantized)
-                with stage(f"[{module.NAME}] reference and twin outputs"):
-                    golden = compute_golden(
-                        {"reference": reference, "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len
-                    )
-                golden.save(tmp / GOLDEN_FILE)
-            extra = [tok_name] + [f for f in tok_files if f not in artifact.files and f != tok_name]
-            files = file_entries(tmp, [*artifact.files, *extra] + ([GOLDEN_FILE] if options.parity else []))
-            manifest = manifest_for(name, module, ckpt, opts, quantized, artifact, files, None, tok_name)
-            write_json(tmp / MANIFEST, manifest)
-            if options.parity:
-                runtime = module.open_runtime(tmp, manifest)
-                with stage(f"[{module.NAME}] parity through the artifact's runtime"):
-                    result = run_parity(runtime, golden, thresholds, lambda m: log(f"[{module.NAME}] parity: {m}"))
-                report = report_dict(
-                    result,
-                    {
-                        "bundle": name,
-                        "target": module.NAME,
-                        "bits": opts.bits,
-                        "embedding_bits": quantized.scheme.embedding.bits,
-                    },
-                    thresholds,
-                )
-                write_reports(report, tmp, manifest["size"])
-                parity_summary = {
-                    "passed": result.passed,
-                    "report": "parity.json",
-                    "top1_vs_reference": result.overall["reference"]["top1_agreement"],
-                    "top1_vs_twin": result.overall["twin"]["top1_agreement"],
-                    "ppl_delta_vs_reference": result.perplexity["delta_vs_reference"],
-                    "failures": result.failures(),
-                }
-                manifest["parity"] = parity_summary
-                write_json(tmp / MANIFEST, manifest)
-            problem = manifest_schema_problem(manifest)
-            if problem:  # our own output breaking our schema is a bug: fail before the bundle lands
-                raise RuntimeError(f"{name}/{MANIFEST} does not match exporter/schemas/manifest.schema.json: {problem}")
-            passed = parity_summary is None or parity_summary["passed"]
-            # A bundle that failed parity lands beside the last good one (NAME.failed), never over it; a
-            # good one replaces NAME and retires an outdated NAME.failed.
-            install(tmp, final if passed else failed_path(final))
-            if passed and failed_path(final).exists():
-                shutil.rmtree(failed_path(final))
-        if not passed:
-            final = failed_path(final)
-        written.append(final)
-        size = artifact_bytes(files, artifact.files[0])
-        status = "skipped" if parity_summary is None else ("PASS" if parity_summary["passed"] else "FAIL")
-        detail = ""
-        if parity_summary:
-            detail = (
-                f" (top-1 vs reference {parity_summary['top1_vs_reference'] * 100:.1f}%, vs twin {parity_summary['top1_vs_twin'] * 100:.1f}%, "
-                f"perplexity {parity_summary['ppl_delta_vs_reference'] * 100:+.2f}%)"
-            )
-        print(
-            f"{module.NAME:<10} {final}  {artifact.files[0]} {human(size)}  exported in {export_seconds:.1f}s  parity {status}{detail}"
-        )
-        if parity_summary and not parity_summary["passed"]:
-            failed.append(f"{module.NAME}: " + "; ".join(parity_summary["failures"][:3]))
+    groups = export_groups([m.NAME for m in modules], export_jobs(options.jobs, ckpt.config, len(modules)))
+    if len(groups) == 1:
+        outcomes = _export_targets(options, modules, ckpt, settings, thresholds, tokens, hessians)
+    else:
+        outcomes = _export_in_parallel(options, groups, modules, ckpt, settings, thresholds, tokens, hessians)
+    failed = [failure for _, failure in outcomes if failure]
     if failed:
         raise ParityError(
             " | ".join(failed) + " (see parity.md in the NAME.failed bundle; the previous good bundle, if any, is kept)"
         )
-    return written
+    return [path for path, _ in outcomes]
+
+
+# The ExecuTorch lowering is single-threaded Python and the longest part of `--target all` (a 125M model:
+# ~2.5 min of ~4), so on 2+ cores it runs in this process while the other targets run in another.
+EXPORT_COST = {"executorch": 6.0, "coreml": 2.0, "onnx": 1.0}
+# Peak RSS of one export process over the model's fp32 weight bytes: 5.6 GB for the real 135M model's 540 MB
+# (`make bench`, --target all); a second process is started only when its share fits in half the free RAM.
+PROCESS_RSS_PER_WEIGHT_BYTE = 10.5
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def export_jobs(requested: int | None, cfg: Any, n_targets: int) -> int:
+    """Processes exporting targets at once: `--jobs`, else 2 when 2 cores and the memory allow."""
+    if requested is not None:
+        return max(1, min(requested, n_targets))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = min(2, cores, n_targets)
+    free = _available_memory()
+    extra = PROCESS_RSS_PER_WEIGHT_BYTE * 4 * cfg.unique_params() * (jobs - 1)
+    return jobs if free is None or extra <= free / 2 else 1
+
+
+def export_groups(names: list[str], jobs: int) -> list[list[str]]:
+    """Targets split into `jobs` groups of about equal export time, the longest group first."""
+    groups: list[list[str]] = [[] for _ in range(max(1, jobs))]
+    cost = [0.0] * len(groups)
+    for name in sorted(names, key=lambda n: -EXPORT_COST.get(n, 1.0)):
+        i = cost.index(min(cost))
+        groups[i].append(name)
+        cost[i] += EXPORT_COST.get(name, 1.0)
+    return [g for g in groups if g]
+
+
+def _export_in_parallel(
+    options: ExportOptions,
+    groups: list[list[str]],
+    modules: list[Target],
+    ckpt: Checkpoint,
+    settings: ExportSettings,
+    thresholds: dict[str, float],
+    tokens: Any,
+    hessians: dict[str, torch.Tensor],
+) -> list[tuple[Path, str | None]]:
+    """The first group here, every other group in a fresh (spawned) process that reloads the checkpoint
+    and reads the Hessians from a file; bundles come out the same as from one process."""
+    by_name = {m.NAME: m for m in modules}
+    threads = max(1, torch.get_num_threads() // len(groups))
+    with tempfile.TemporaryDirectory(prefix="mobilellm-export-") as tmp:
+        hessian_file = Path(tmp) / "hessians.pt"
+        torch.save(hessians, hessian_file)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(len(groups) - 1, mp_context=context) as pool:
+            futures = [
+                pool.submit(_export_group, options, group, hessian_file, thresholds, tokens, threads)
+                for group in groups[1:]
+            ]
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                here = _export_targets(
+                    options, [by_name[n] for n in groups[0]], ckpt, settings, thresholds, tokens, hessians
+                )
+            finally:
+                torch.set_num_threads(previous)
+            outcomes = dict(zip(groups[0], here))
+            for group, future in zip(groups[1:], futures):
+                outcomes.update(zip(group, future.result()))
+    return [outcomes[m.NAME] for m in modules]
+
+
+def _export_group(
+    options: ExportOptions,
+    names: list[str],
+    hessian_file: Path,
+    thresholds: dict[str, float],
+    tokens: Any,
+    threads: int,
+) -> list[tuple[Path, str | None]]:
+    """One group of targets in a spawned process (see _export_in_parallel)."""
+    torch.set_num_threads(threads)
+    ckpt = load_checkpoint(options.checkpoint or DEFAULT_MODEL_DIR, options.config, options.tokenizer)
+    hessians = torch.load(hessian_file, weights_only=True)
+    settings = options.quant.export_settings()
+    return _export_targets(options, [load_target(n) for n in names], ckpt, settings, thresholds, tokens, hessians)
+
+
+def _export_targets(
+    options: ExportOptions,
+    modules: list[Target],
+    ckpt: Checkpoint,
+    settings: ExportSettings,
+    thresholds: dict[str, float],
+    tokens: Any,
+    hessians: dict[str, torch.Tensor],
+) -> list[tuple[Path, str | None]]:
+    reference = ReferenceRuntime(ckpt.model)
+    return [
+        _export_target(options, module, ckpt, settings, thresholds, tokens, hessians, reference) for module in modules
+    ]
+
+
+def _export_target(
+    options: ExportOptions,
+    module: Target,
+    ckpt: Checkpoint,
+    settings: ExportSettings,
+    thresholds: dict[str, float],
+    tokens: Any,
+    hessians: dict[str, torch.Tensor],
+    reference: ReferenceRuntime,
+) -> tuple[Path, str | None]:
+    """Export, bundle and check one target; the bundle path and, when parity failed, why."""
+    opts = options.quant
+    name = bundle_name(options, ckpt, module.NAME)
+    final = options.output / name
+    t0 = time.time()
+    log(f"[{module.NAME}] exporting {ckpt.name} at {opts.bits} bits ...")
+    with staging(final) as tmp:
+        model = ExportModel.from_reference(ckpt.model, settings)
+        quantized = quantize(model, module.quant_scheme(opts), hessians, opts.method.act_order, module.NAME)
+        artifact = module.export(model, quantized, ckpt, opts, tmp)
+        export_seconds = time.time() - t0
+        # Timings differ run to run: logged, kept out of the manifest so bundles are reproducible.
+        timings = {k: artifact.info.pop(k) for k in [k for k in artifact.info if k.endswith("_seconds")]}
+        if timings:
+            log(f"[{module.NAME}] timings: {timings}")
+        tok_name = ckpt.tokenizer_path.name
+        shutil.copy(ckpt.tokenizer_path, tmp / tok_name)
+        # Every bundle carries tokenizer.json (Hugging Face tokenizers format: what swift-transformers,
+        # onnxruntime-genai and ExecuTorch's runners read) beside the original file.
+        tok_files = [f for f in (TOKENIZER_JSON, TOKENIZER_CONFIG) if f in artifact.files]
+        if not tok_files:
+            tok_files = write_tokenizer_json(
+                tmp, ckpt.tokenizer_path, ckpt.config.max_context, ckpt.config.bos_id, ckpt.config.eos_id
+            )[0]
+        parity_summary = None
+        if options.parity:
+            twin = fake_quantized_twin(model, quantized)
+            with stage(f"[{module.NAME}] reference and twin outputs"):
+                golden = compute_golden({"reference": reference, "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len)
+            golden.save(tmp / GOLDEN_FILE)
+        extra = [tok_name] + [f for f in tok_files if f not in artifact.files and f != tok_name]
+        files = file_entries(tmp, [*artifact.files, *extra] + ([GOLDEN_FILE] if options.parity else []))
+        manifest = manifest_for(name, module, ckpt, opts, quantized, artifact, files, None, tok_name)
+        write_json(tmp / MANIFEST, manifest)
+        if options.parity:
+            runtime = module.open_runtime(tmp, manifest)
+            with stage(f"[{module.NAME}] parity through the artifact's runtime"):
+                result = run_parity(runtime, golden, thresholds, lambda m: log(f"[{module.NAME}] parity: {m}"))
+            report = report_dict(
+                result,
+                {
+                    "bundle": name,
+                    "target": module.NAME,
+                    "bits": opts.bits,
+                    "embedding_bits": quantized.scheme.embedding.bits,
+                },
+                thresholds,
+            )
+            write_reports(report, tmp, manifest["size"])
+            parity_summary = {
+                "passed": result.passed,
+                "report": "parity.json",
+                "top1_vs_reference": result.overall["reference"]["top1_agreement"],
+                "top1_vs_twin": result.overall["twin"]["top1_agreement"],
+                "ppl_delta_vs_reference": result.perplexity["delta_vs_reference"],
+                "failures": result.failures(),
+            }
+            manifest["parity"] = parity_summary
+            write_json(tmp / MANIFEST, manifest)
+        problem = manifest_schema_problem(manifest)
+        if problem:  # our own output breaking our schema is a bug: fail before the bundle lands
+            raise RuntimeError(f"{name}/{MANIFEST} does not match exporter/schemas/manifest.schema.json: {problem}")
+        passed = parity_summary is None or parity_summary["passed"]
+        # A bundle that failed parity lands beside the last good one (NAME.failed), never over it; a
+        # good one replaces NAME and retires an outdated NAME.failed.
+        install(tmp, final if passed else failed_path(final))
+        if passed and failed_path(final).exists():
+            shutil.rmtree(failed_path(final))
+    if not passed:
+        final = failed_path(final)
+    size = artifact_bytes(files, artifact.files[0])
+    status = "skipped" if parity_summary is None else ("PASS" if parity_summary["passed"] else "FAIL")
+    detail = ""
+    if parity_summary:
+        detail = (
+            f" (top-1 vs reference {parity_summary['top1_vs_reference'] * 100:.1f}%, vs twin {parity_summary['top1_vs_twin'] * 100:.1f}%, "
+            f"perplexity {parity_summary['ppl_delta_vs_reference'] * 100:+.2f}%)"
+        )
+    print(
+        f"{module.NAME:<10} {final}  {artifact.files[0]} {human(size)}  exported in {export_seconds:.1f}s  parity {status}{detail}"
+    )
+    if parity_summary and not parity_summary["passed"]:
+        return final, f"{module.NAME}: " + "; ".join(parity_summary["failures"][:3])
+    return final, None

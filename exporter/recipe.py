@@ -40,6 +40,7 @@ class ExportOptions:
     thresholds: dict[str, float] = field(default_factory=dict)
     name: str | None = None
     recipe: Recipe | None = None  #: the checkpoint must be the recipe's model
+    jobs: int | None = None  #: processes exporting targets at once (None: pipeline.export_jobs decides)
 
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
