@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import random_model, tiny_config
+from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
+from mobilellm.exporter.checkpoint import save_checkpoint
+from mobilellm.exporter.errors import ParityError
 from mobilellm.exporter.pipeline import export_groups, export_jobs, run_export
 from mobilellm.exporter.recipe import export_options_from_recipe
 
@@ -25,19 +29,27 @@ def test_jobs_follow_the_request_and_the_target_count():
     assert export_jobs(None, Cfg(), 1) == 1
 
 
-def _export(out: Path, jobs: int) -> dict[str, bytes]:
-    options = export_options_from_recipe(None, target="onnx", output=out, max_seq_len=128)
-    options.targets = ["onnx", "coreml"]
+def _export(checkpoint: Path, out: Path, jobs: int) -> dict[str, bytes]:
+    options = export_options_from_recipe(None, checkpoint=checkpoint, output=out, max_seq_len=32)
+    options.targets = ["executorch", "onnx", "coreml"]
     options.jobs = jobs
-    bundles = run_export(options)
-    assert [b.name for b in bundles] == ["default-onnx-4bit", "default-coreml-4bit"]
+    try:
+        run_export(options)
+    except ParityError:
+        pass  # a random 4-bit tiny model may miss the thresholds; its bundles (NAME.failed) are still written
+    # (the hidden .NAME.lock files stay beside the bundles by design)
     return {
         str(f.relative_to(out)): f.read_bytes()
-        for b in bundles
-        for f in sorted(b.rglob("*"))
-        if f.is_file()
+        for f in sorted(out.rglob("*"))
+        if f.is_file() and not f.relative_to(out).parts[0].startswith(".")
     }
 
 
 def test_two_processes_write_the_bundles_one_process_writes(tmp_path):
-    assert _export(tmp_path / "parallel", 2) == _export(tmp_path / "serial", 1)
+    ckpt = save_checkpoint(
+        random_model(tiny_config(n_layers=1)), tmp_path / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model"
+    )
+    parallel = _export(ckpt, tmp_path / "parallel", 2)
+    folders = {Path(name).parts[0].removesuffix(".failed") for name in parallel}
+    assert folders == {f"tiny-{t}-4bit" for t in ("executorch", "onnx", "coreml")}
+    assert parallel == _export(ckpt, tmp_path / "serial", 1)

@@ -367,7 +367,15 @@ def _blob_breakdown(package: Path) -> dict[str, int]:
                 kind = "codes"
             out[kind] += size
             out["blobs"] += 1
-    return dict(out)
+    return dict(sorted(out.items()))
+
+
+def _deterministic_spec(package: Path) -> None:
+    """The saved Model protobuf again, its map fields (op inputs, attributes, metadata) in key order:
+    coremltools writes them in insertion order, which differs from one process to the next, so two
+    runs on the same input gave the same program in different bytes."""
+    spec, spec_path = read_spec(package)
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
 
 def _stable_package_ids(package: Path) -> None:
@@ -448,6 +456,7 @@ def export(
         shutil.rmtree(package)
     mlmodel.save(str(package))
     _stable_package_ids(package)
+    _deterministic_spec(package)
     files = [PACKAGE]  # the tokenizer is copied into the bundle by the pipeline; its name/sha256 are in the metadata
 
     saved = CoreMLEvaluator(package)  # also proves every emitted op is one the evaluator knows
