@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,10 @@ from .bundle import Bundle, open_bundle
 from .checkpoint import load_checkpoint
 from .errors import UserError, loading
 from .export_model import ExportModel
+from .progress import log
 from .quantize import QuantMethod, calibration_windows, fake_quantized_twin, quantize_model
 from .targets import TargetOptions, TargetRuntime, load_target
 from .tokenizer import load_tokenizer, parity_tokens
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def options_from_manifest(manifest: dict[str, Any]) -> TargetOptions:
@@ -125,7 +121,7 @@ def validate_bundle(
     artifact = root / manifest["artifact"]
     with loading(artifact, f"{manifest['target']} artifact", "re-export the bundle"):
         runtime = CheckedRuntime(module.open_runtime(root, manifest), vocab, artifact)
-    result = run_parity(runtime, golden, resolved, lambda m: _log(f"[{manifest['target']}] parity: {m}"))
+    result = run_parity(runtime, golden, resolved, lambda m: log(f"[{manifest['target']}] parity: {m}"))
     report = report_dict(
         result,
         {
