@@ -226,7 +226,7 @@ def export_executorch_llama_peer(
 
 
 # ----------------------------------------------------------------------------- runtime
-def _open(pte: Path) -> Any:
+def open_pte(pte: Path) -> Any:
     """ET's llama program through our ExecuTorch runtime: same inputs as ours (tokens [1, S],
     input_pos [1]), last-position logits [1, V] (`forward_last` handles both shapes)."""
     from mobilellm.exporter.targets.executorch import ExecuTorchRuntime
@@ -252,7 +252,7 @@ def measure_pte(pte: Path, vocab_size: int, threads: int, prompt_tokens: int, de
     max_context = _max_context_len(pte, side)
     base_rss = current_rss()
     t0 = time.perf_counter()
-    runtime = _open(pte)
+    runtime = open_pte(pte)
     load_s = time.perf_counter() - t0
     prompt = bench_prompt(vocab_size, min(prompt_tokens, max_context - decode_tokens - 1))
     time_decode(runtime, prompt[:8], 2)  # warm-up, as measure_bundle
@@ -277,7 +277,7 @@ def compare_pte_logits(pte: Path, checkpoint: Path, n_tokens: int = 24, decode: 
     """The peer .pte vs our reference on a prompt and greedy continuation fed to both (teacher
     forcing with the reference's tokens): max |logit diff| and top-1 agreement per position."""
     ckpt = load_checkpoint(checkpoint)
-    runtime = _open(pte)
+    runtime = open_pte(pte)
     prompt = bench_prompt(ckpt.config.vocab_size, n_tokens)
     seq = torch.tensor(prompt.tolist() + ckpt.model.generate(prompt.tolist(), decode))[None]
     ref = ckpt.model(seq)[0].numpy()

@@ -168,12 +168,13 @@ def median_rows(timers: dict[str, Callable[[], dict[str, Any]]], repeats: int) -
 
 
 def real_model_rows(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.genai_peer import build_genai_peer
+    from bench.genai_peer import build_genai_peer, time_genai_subprocess
     from bench.llamacpp_peer import llamacpp_perplexity, quantize_gguf, write_gguf_from_hf
-    from bench.peers import PTE_NAME, SIDECAR, _open, export_executorch_llama_peer
+    from bench.peers import PTE_NAME, SIDECAR, export_executorch_llama_peer, measure_pte_subprocess, open_pte
     from bench.real import eval_windows, reference_perplexity, runtime_perplexity
     from bench.real_model import build_real_checkpoints
     from mobilellm.exporter.bundle import artifact_bytes, read_manifest
+    from mobilellm.exporter.measure import bench_bundle_subprocess
     from mobilellm.exporter.targets import load_target
 
     hf = build_real_checkpoints(CACHE)["gridbroken"]
@@ -201,10 +202,10 @@ def real_model_rows(args: argparse.Namespace) -> dict[str, Any]:
             row["not_timed"] = "Core ML runs only on Apple OSes"
             continue
         row["ppl"] = runtime_perplexity(load_target(target).open_runtime(bundle, manifest), windows)
-        timers[f"ours {target}"] = lambda b=bundle: fresh(["--bundle", str(b)])
+        timers[f"ours {target}"] = lambda b=bundle: bench_bundle_subprocess(b, THREADS, PROMPT, DECODE)
     onnx_bundle = bundles / "smollm2-135m-onnx-4bit"
     rows["ours onnx genai"] = dict(rows["ours onnx"], target="ours onnx (onnxruntime-genai)")
-    timers["ours onnx genai"] = lambda: fresh(["--genai", str(onnx_bundle)])
+    timers["ours onnx genai"] = lambda: time_genai_subprocess(onnx_bundle, THREADS, PROMPT, DECODE)
 
     print("onnxruntime-genai builder ...", flush=True)
     builder = build_genai_peer(hf, CACHE / "genai-builder-gridbroken-int4")
@@ -215,7 +216,7 @@ def real_model_rows(args: argparse.Namespace) -> dict[str, Any]:
         "ppl": genai_perplexity(Path(builder["path"]), windows),
     }
     rows["ours onnx genai"]["ppl"] = genai_perplexity(onnx_bundle, windows)
-    timers["genai builder"] = lambda: fresh(["--genai", builder["path"]])
+    timers["genai builder"] = lambda: time_genai_subprocess(Path(builder["path"]), THREADS, PROMPT, DECODE)
 
     print("llama.cpp ...", flush=True)
     work = CACHE / "gguf-gridbroken"
@@ -243,9 +244,9 @@ def real_model_rows(args: argparse.Namespace) -> dict[str, Any]:
         "target": "executorch export_llama 8da4w (peer)",
         "artifact_bytes": (peer_dir / PTE_NAME).stat().st_size,
         "export_s": side.get("export_s"),
-        "ppl": runtime_perplexity(_open(peer_dir / PTE_NAME), windows),
+        "ppl": runtime_perplexity(open_pte(peer_dir / PTE_NAME), windows),
     }
-    timers["export_llama"] = lambda: fresh(["--pte", str(peer_dir / PTE_NAME), "--vocab", str(vocab)])
+    timers["export_llama"] = lambda: measure_pte_subprocess(hf, peer_dir, THREADS, PROMPT, DECODE)
 
     print(f"timing ({args.repeats} rounds) ...", flush=True)
     for key, med in median_rows(timers, args.repeats).items():
@@ -258,6 +259,8 @@ def real_model_rows(args: argparse.Namespace) -> dict[str, Any]:
 
 def sharing_rows(args: argparse.Namespace) -> dict[str, Any]:
     """Random-weight 125M and 125M-LS (same seed): ExecuTorch and ONNX, LS over plain."""
+    from mobilellm.exporter.measure import bench_bundle_subprocess
+
     out = args.output / "sharing"
     rows: dict[str, dict[str, Any]] = {}
     timers: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -277,7 +280,7 @@ def sharing_rows(args: argparse.Namespace) -> dict[str, Any]:
                 "target": f"ours {target}",
                 "export_s": exports[f"{preset} {target}"]["per_target_s"].get(target),
             }
-            timers[f"{preset} {target}"] = lambda b=bundle: fresh(["--bundle", str(b)])
+            timers[f"{preset} {target}"] = lambda b=bundle: bench_bundle_subprocess(b, THREADS, PROMPT, DECODE)
     print(f"timing sharing ({args.repeats} rounds) ...", flush=True)
     for key, med in median_rows(timers, args.repeats).items():
         rows[key].update(med)
@@ -356,33 +359,12 @@ def main() -> None:
         "--sharing-only", action="store_true", help="only the LS rows, beside OUTPUT/bench.json's real rows"
     )
     # fresh-process halves
-    ap.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--genai", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--llamacpp", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--pte", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.bundle:
-        from mobilellm.exporter.measure import measure_bundle
-
-        print(json.dumps(measure_bundle(args.bundle, THREADS, PROMPT, DECODE)))
-        return
-    if args.genai:
-        from bench.genai_peer import time_genai
-        from mobilellm.exporter.measure import bench_prompt
-
-        vocab = json.loads((args.genai / "genai_config.json").read_text())["model"]["vocab_size"]
-        print(json.dumps(time_genai(args.genai, bench_prompt(vocab, PROMPT).tolist(), DECODE, THREADS)))
-        return
     if args.llamacpp:
         print(json.dumps(llamacpp_speed(args.llamacpp, args.vocab, THREADS, PROMPT, DECODE)))
         return
-    if args.pte:
-        from bench.peers import measure_pte
-
-        print(json.dumps(measure_pte(args.pte, args.vocab, THREADS, PROMPT, DECODE)))
-        return
-
     from bench.real import cpu_features
 
     args.output.mkdir(parents=True, exist_ok=True)

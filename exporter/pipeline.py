@@ -262,20 +262,30 @@ def _export_in_parallel(
     hessians: dict[str, torch.Tensor],
 ) -> list[tuple[Path, str | None]]:
     """The first group here, every other group in a fresh (spawned) process that reloads the checkpoint
-    and reads the Hessians from a file; bundles come out the same as from one process."""
+    and reads the Hessians from a file. Each process gets its share of torch's threads. GPTQ's float sums
+    and the golden logits depend on the thread count, as they always have: a bundle is byte-identical to
+    a one-process export run with that many threads (tests/test_parallel_export.py), and to every
+    export with the same --jobs on the same machine."""
     by_name = {m.NAME: m for m in modules}
+    # torch's threads spin while they wait: two processes with a thread per core each slow GPTQ ~10x.
+    threads = max(1, torch.get_num_threads() // len(groups))
     with tempfile.TemporaryDirectory(prefix="mobilellm-export-") as tmp:
         hessian_file = Path(tmp) / "hessians.pt"
         torch.save(hessians, hessian_file)
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(len(groups) - 1, mp_context=context) as pool:
             futures = [
-                pool.submit(_export_group, options, group, hessian_file, thresholds, tokens, torch.get_num_threads())
+                pool.submit(_export_group, options, group, hessian_file, thresholds, tokens, threads)
                 for group in groups[1:]
             ]
-            here = _export_targets(
-                options, [by_name[n] for n in groups[0]], ckpt, settings, thresholds, tokens, hessians
-            )
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                here = _export_targets(
+                    options, [by_name[n] for n in groups[0]], ckpt, settings, thresholds, tokens, hessians
+                )
+            finally:
+                torch.set_num_threads(previous)
             outcomes = dict(zip(groups[0], here))
             for group, future in zip(groups[1:], futures):
                 outcomes.update(zip(group, future.result()))
@@ -290,9 +300,7 @@ def _export_group(
     tokens: Any,
     threads: int,
 ) -> list[tuple[Path, str | None]]:
-    """One group of targets in a spawned process (see _export_in_parallel), with the parent's torch
-    thread count: GPTQ's float sums, and so a rounding now and then, depend on it, and a bundle must
-    not depend on how many processes wrote it."""
+    """One group of targets in a spawned process (see _export_in_parallel), with its share of the threads."""
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(options.checkpoint or DEFAULT_MODEL_DIR, options.config, options.tokenizer)
     hessians = torch.load(hessian_file, weights_only=True)
