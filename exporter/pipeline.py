@@ -161,6 +161,7 @@ def run_export(options: ExportOptions) -> list[Path]:
     ckpt = load_checkpoint(options.checkpoint or DEFAULT_MODEL_DIR, options.config, options.tokenizer)
     if options.recipe is not None:
         options.recipe.check_matches(ckpt.config)
+    check_export_memory(ckpt.config)
     if ckpt.tokenizer_path is None:
         raise UserError(
             f"{ckpt.source}: no tokenizer.model or tokenizer.json beside the checkpoint; pass --tokenizer PATH"
@@ -214,19 +215,38 @@ def _export_all(
 # The ExecuTorch lowering is single-threaded Python and the longest part of `--target all` (a 125M model:
 # ~2.5 min of ~4), so on 2+ cores it runs in this process while the other targets run in another.
 EXPORT_COST = {"executorch": 6.0, "coreml": 2.0, "onnx": 1.0}
-# Peak RSS of one export process over the model's fp32 weight bytes: 5.6 GB for the real 135M model's 540 MB
-# (`make bench`, --target all); a second process is started only when its share fits in half the free RAM.
-PROCESS_RSS_PER_WEIGHT_BYTE = 10.5
+# Peak RSS of one export process: a base plus a multiple of the model's fp32 weight bytes, from two measured
+# exports (`/usr/bin/time -v`): the real 135M model (538 MB of fp32 weights, every target) peaked at 5.62 GB;
+# the 1.5B preset (6.04 GB, --target executorch) was killed by the OOM killer at 24.2 GB on a 24 GiB machine,
+# still collecting GPTQ's Hessians (the fp32 model, its export copy and the Hessians of 54 blocks).
+# The line through the first point and above the second: 1.5B needs more than a 24 GiB machine has.
+PROCESS_BASE_BYTES = 3.7e9
+PROCESS_BYTES_PER_WEIGHT_BYTE = 3.6
 
 
-def _available_memory() -> int | None:
+def export_process_peak_bytes(cfg: Any) -> int:
+    """The peak RSS one export process is expected to reach for this model."""
+    return int(PROCESS_BASE_BYTES + PROCESS_BYTES_PER_WEIGHT_BYTE * 4 * cfg.unique_params())
+
+
+def _meminfo(key: str) -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def check_export_memory(cfg: Any) -> None:
+    """Refuse up front an export this machine's RAM cannot hold, instead of meeting the OOM killer later."""
+    need, total = export_process_peak_bytes(cfg), _meminfo("MemTotal")
+    if total is not None and need > total:
+        raise UserError(
+            f"exporting this model ({cfg.unique_params() / 1e9:.2f}B parameters) needs about {human(need)} of RAM "
+            f"and this machine has {human(total)}; export it on a machine with more memory"
+        )
 
 
 def export_jobs(requested: int | None, cfg: Any, n_targets: int) -> int:
@@ -235,8 +255,8 @@ def export_jobs(requested: int | None, cfg: Any, n_targets: int) -> int:
         return max(1, min(requested, n_targets))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = min(2, cores, n_targets)
-    free = _available_memory()
-    extra = PROCESS_RSS_PER_WEIGHT_BYTE * 4 * cfg.unique_params() * (jobs - 1)
+    free = _meminfo("MemAvailable")
+    extra = export_process_peak_bytes(cfg) * (jobs - 1)
     return jobs if free is None or extra <= free / 2 else 1
 
 

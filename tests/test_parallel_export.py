@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import random_model, tiny_config
 from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
 from mobilellm.exporter.checkpoint import save_checkpoint
-from mobilellm.exporter.errors import ParityError
-from mobilellm.exporter.pipeline import export_groups, export_jobs, run_export
+from mobilellm.exporter.errors import ParityError, UserError
+from mobilellm.exporter.pipeline import check_export_memory, export_groups, export_jobs, run_export
 from mobilellm.exporter.recipe import export_options_from_recipe
 
 
@@ -53,3 +55,13 @@ def test_two_processes_write_the_bundles_one_process_writes(tmp_path):
     folders = {Path(name).parts[0].removesuffix(".failed") for name in parallel}
     assert folders == {f"tiny-{t}-4bit" for t in ("executorch", "onnx", "coreml")}
     assert parallel == _export(ckpt, tmp_path / "serial", 1)
+
+
+def test_an_export_larger_than_the_machines_ram_is_refused_up_front():
+    class Huge:
+        def unique_params(self) -> int:
+            return 10**12  # 4 TB of fp32 weights
+
+    with pytest.raises(UserError, match=r"needs about .* of RAM and this machine has"):
+        check_export_memory(Huge())
+    check_export_memory(tiny_config())  # a tiny model fits anywhere
