@@ -111,6 +111,15 @@ def export(
         "--layer-bits",
         help="Mixed precision: ROLE=BITS for every block's ROLE linear (wqkv, wo, w13, w2; unfused: wq wk wv w1 w3), ROLE@q4km=BITS for the blocks llama.cpp's Q4_K_M gives more bits; repeatable; 'none' for uniform. Default: the target's (README).",
     ),
+    sensitivity: Optional[Path] = typer.Option(
+        None,
+        "--sensitivity",
+        help="A sensitivity.json from `inspect CKPT --sensitivity --bits B`: its --sensitive-layers most sensitive "
+        "block linears get twice the bits, on top of --layer-bits or the target's default.",
+    ),
+    sensitive_layers: Optional[int] = typer.Option(
+        None, "--sensitive-layers", help="With --sensitivity: how many of its top layers get more bits. Default: 8."
+    ),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep Q/K/V and gate/up projections separate (debugging)."),
     no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity run after export."),
     threshold: Optional[list[str]] = typer.Option(
@@ -148,6 +157,8 @@ def export(
         quant_method=quant_method.value if quant_method else None,
         zero_points=zero_points,
         layer_bits=parse_layer_bits(layer_bits),
+        sensitivity=sensitivity,
+        sensitive_layers=sensitive_layers,
         parity=not no_parity,
         output=output,
         thresholds=parse_thresholds(threshold),
@@ -161,16 +172,22 @@ def parse_layer_bits(items: list[str] | None) -> dict[str, int] | None:
         return None
     if items == ["none"]:
         return {}
+    from .mixed_precision import ROLES, check_selector
+
     out: dict[str, int] = {}
-    roles = ("wqkv", "wo", "w13", "w2", "wq", "wk", "wv", "w1", "w3")
     for item in items:
-        role, _, bits = item.partition("=")
-        if role.removesuffix("@q4km") not in roles or bits not in ("4", "8", "16"):
+        selector, _, bits = item.partition("=")
+        try:
+            check_selector(selector)
+            if bits not in ("4", "8", "16"):
+                raise ValueError(bits)
+        except ValueError:
             raise UserError(
-                f"--layer-bits {item!r}: expected ROLE=BITS with ROLE one of {', '.join(roles)} (or ROLE@q4km: "
-                "only the blocks llama.cpp's Q4_K_M gives more bits) and BITS 4, 8 or 16, e.g. w2=8"
-            )
-        out[role] = int(bits)
+                f"--layer-bits {item!r}: expected SELECTOR=BITS, SELECTOR a role ({', '.join(ROLES)}) alone (every "
+                "block), ROLE@q4km (the blocks llama.cpp's Q4_K_M gives more bits) or ROLE@BLOCK, BITS 4, 8 or 16; "
+                "e.g. w2=8 or w13@5=8"
+            ) from None
+        out[selector] = int(bits)
     return out
 
 

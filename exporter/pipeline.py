@@ -34,6 +34,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ParityError, UserError
 from .export_model import ExportModel, ExportSettings
 from .memory import human
+from .mixed_precision import selected_blocks
 from .progress import log, stage
 from .quantize import (
     QuantizedModel,
@@ -162,6 +163,7 @@ def run_export(options: ExportOptions) -> list[Path]:
     if options.recipe is not None:
         options.recipe.check_matches(ckpt.config)
     check_export_memory(ckpt.config)
+    check_layer_selectors(ckpt.config, options.quant)
     if ckpt.tokenizer_path is None:
         raise UserError(
             f"{ckpt.source}: no tokenizer.model or tokenizer.json beside the checkpoint; pass --tokenizer PATH"
@@ -237,6 +239,19 @@ def _meminfo(key: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def check_layer_selectors(cfg: Any, opts: TargetOptions) -> None:
+    """Refuse block selectors (--layer-bits ROLE@BLOCK, --sensitivity picks) naming a block the model lacks:
+    a ranking measured on another model would otherwise silently pick nothing."""
+    named = selected_blocks(tuple(opts.layer_bits or ()) + opts.sensitive_layer_bits)
+    if named and max(named) >= cfg.n_layers:
+        fix = (
+            "rank this checkpoint with `mobilellm-export inspect CHECKPOINT --sensitivity`"
+            if max(named) in selected_blocks(opts.sensitive_layer_bits)
+            else f"name blocks 0-{cfg.n_layers - 1} in --layer-bits"
+        )
+        raise UserError(f"block {max(named)} picked for more bits, but the model has {cfg.n_layers} blocks; {fix}")
 
 
 def check_export_memory(cfg: Any) -> None:

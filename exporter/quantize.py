@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .assets import calibration_text
 from .errors import UserError
 from .export_model import ExportModel
+from .mixed_precision import selector_rank
 from .tokenizer import load_tokenizer
 
 # How a group's scale (and zero point) is chosen:
@@ -340,8 +341,8 @@ class QuantScheme:
     # Whether a shared embedding's output projection is stored as its own tensor (rounded by
     # `output`), or the projection reads the embedding's stored tensor (one copy).
     separate_output: bool = False
-    # Mixed precision: (selector, WeightQuant). A selector is a block linear's role ("w2": every
-    # block's) or "role@q4km": the blocks llama.cpp's Q4_K_M recipe gives more bits (`more_bits_blocks`).
+    # Mixed precision: (selector, WeightQuant) for block linears; a selector is "w2" (every block's),
+    # "w2@q4km" or "w2@7" (see mixed_precision.py); the most specific match wins.
     overrides: tuple[tuple[str, WeightQuant], ...] = ()
 
     @property
@@ -352,21 +353,18 @@ class QuantScheme:
         """The WeightQuant of a parameter named as in ExportModel (blocks.{i}.{role}.weight, ...)."""
         parts = name.split(".")
         if len(parts) == 4 and parts[0] == "blocks":
-            for selector, wq in self.overrides:
-                role, _, which = selector.partition("@")
-                if role == parts[2] and (not which or int(parts[1]) in more_bits_blocks(n_layers)):
-                    return wq
+            matches = [
+                (rank, wq)
+                for selector, wq in self.overrides
+                if (rank := selector_rank(selector, parts[2], int(parts[1]), n_layers)) is not None
+            ]
+            if matches:
+                return min(matches, key=lambda m: m[0])[1]
         if name == "tok_embeddings.weight":
             return self.embedding
         if name == "output.weight":
             return self.output
         return self.linear
-
-
-def more_bits_blocks(n_layers: int) -> set[int]:
-    """The blocks llama.cpp's Q4_K_M recipe quantizes with more bits (`use_more_bits` in its
-    quantizer): the first and last eighth, and every third block between."""
-    return {i for i in range(n_layers) if i < n_layers / 8 or i >= 7 * n_layers / 8 or (i - n_layers // 8) % 3 == 2}
 
 
 @dataclass(frozen=True)

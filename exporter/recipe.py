@@ -17,6 +17,7 @@ from mobilellm.validation.parity import resolve_thresholds
 from .checkpoint import resolve_config
 from .config import ModelConfig, preset
 from .errors import UserError
+from .mixed_precision import ROLES, check_selector, sensitive_layer_bits
 from .quantize import QuantMethod
 from .targets import TARGET_NAMES, TargetOptions
 
@@ -56,6 +57,8 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "quant_method": str,
         "zero_points": bool,
         "layer_bits": dict,
+        "sensitivity": str,
+        "sensitive_layers": int,
     },
     "parity": {"thresholds": dict},
 }
@@ -126,6 +129,16 @@ def load_recipe(path: Path) -> Recipe:
     if config_file is not None and "name" not in model:
         raise UserError(f"{path}: model.name is required with model.config")
     resolve_config(config_file) if config_file else preset(model["preset"])  # unknown preset, bad file -> clear error
+    for selector, value in raw.get("export", {}).get("layer_bits", {}).items():
+        try:
+            check_selector(selector)
+        except ValueError:
+            raise UserError(
+                f"{path}: export.layer_bits: {selector!r} is not ROLE, ROLE@q4km or ROLE@BLOCK (ROLE one of "
+                f"{', '.join(ROLES)})"
+            ) from None
+        if value not in (4, 8, 16) or isinstance(value, bool):
+            raise UserError(f"{path}: export.layer_bits.{selector} = {value!r} is not one of 4, 8, 16")
     thresholds = raw.get("parity", {}).get("thresholds", {})
     bits = raw.get("export", {}).get("bits", 4)
     try:
@@ -159,6 +172,8 @@ def export_options_from_recipe(
     quant_method: str | None = None,
     zero_points: bool | None = None,
     layer_bits: dict[str, int] | None = None,
+    sensitivity: Path | None = None,
+    sensitive_layers: int | None = None,
     parity: bool = True,
     output: Path = Path("dist"),
     thresholds: dict[str, float] | None = None,
@@ -168,7 +183,8 @@ def export_options_from_recipe(
 
     The one mapping of recipe keys to ExportOptions, used by `mobilellm-export --recipe` and the repo's
     benchmarks. `target` may be "all"; `zero_points` and `layer_bits` (role -> bits, e.g. {"w2": 8}) override the recipe's;
-    `thresholds` are laid over the recipe's; `name` defaults to the recipe's model name."""
+    `thresholds` are laid over the recipe's; `name` defaults to the recipe's model name. `sensitivity` (a
+    sensitivity.json; a recipe's path is relative to the recipe) gives its `sensitive_layers` top layers more bits."""
     base = plan.export if plan else {}
 
     def pick(flag: Any, key: str, default: Any) -> Any:
@@ -178,14 +194,20 @@ def export_options_from_recipe(
     emb = pick(embedding_bits, "embedding_bits", None)
     out_bits = pick(output_bits, "output_bits", None)
     roles = pick(layer_bits, "layer_bits", None)
+    export_bits, fused = int(pick(bits, "bits", 4)), bool(pick(fuse, "fuse", True))
+    ranking = sensitivity or (plan.path.parent / base["sensitivity"] if plan and "sensitivity" in base else None)
+    top = int(pick(sensitive_layers, "sensitive_layers", 8))
+    if ranking is None and sensitive_layers is not None:
+        raise UserError("--sensitive-layers needs --sensitivity FILE (a sensitivity.json from inspect --sensitivity)")
     quant = TargetOptions(
-        bits=int(pick(bits, "bits", 4)),
+        bits=export_bits,
         group_size=int(pick(group_size, "group_size", 32)),
         embedding_bits=int(emb) if emb is not None else None,
         output_bits=int(out_bits) if out_bits is not None else None,
         layer_bits=None if roles is None else tuple(sorted((role, int(b)) for role, b in roles.items())),
         max_seq_len=int(pick(max_seq_len, "max_seq_len", 512)),
-        fuse=bool(pick(fuse, "fuse", True)),
+        sensitive_layer_bits=sensitive_layer_bits(ranking, top, export_bits, fused) if ranking else (),
+        fuse=fused,
         method=QuantMethod.named(
             str(pick(quant_method, "quant_method", "gptq")), pick(zero_points, "zero_points", None)
         ),

@@ -27,6 +27,7 @@ ORDER = [
     "exporter.model",
     "exporter.checkpoint",
     "exporter.export_model",
+    "exporter.mixed_precision",
     "exporter.quantize",
     "exporter.memory",
     "exporter.targets.base",

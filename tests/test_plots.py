@@ -5,6 +5,7 @@ machine's matplotlib settings (reproducible bundles stay byte-identical: tests/t
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import subprocess
@@ -13,13 +14,17 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import random_model, run_cli, tiny_config
 from mobilellm.exporter import bundle as bundle_module
 from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
 from mobilellm.exporter.bundle import MANIFEST, open_bundle
-from mobilellm.exporter.checkpoint import save_checkpoint
+from mobilellm.exporter.checkpoint import load_checkpoint, save_checkpoint
+from mobilellm.exporter.quantize import WeightQuant
+from mobilellm.exporter.sensitivity import sensitivity_windows
 from mobilellm.validation import plots, reports
 
 
@@ -157,7 +162,7 @@ def test_bench_chart_on_synthetic_rows(tmp_path: Path) -> None:
 def test_sensitivity_of_a_tiny_shared_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`inspect --sensitivity`: one row per linear layer and per application of a shared block, ranked,
     the chart a valid PNG and its data the rows printed."""
-    cfg = tiny_config(n_layers=1, sharing="immediate", share_embedding=False)
+    cfg = tiny_config(n_layers=2, sharing="immediate", share_embedding=False)
     ckpt = save_checkpoint(random_model(cfg), tmp_path / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model")
     args = ["inspect", str(ckpt), "--sensitivity", "--bits", "4", "--tokens", "64", "--output", str(tmp_path / "s")]
     code, out, err = run_cli(args, capsys)
@@ -165,14 +170,33 @@ def test_sensitivity_of_a_tiny_shared_model(tmp_path: Path, capsys: pytest.Captu
     data = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
     check_png(tmp_path / "s" / "sensitivity.png")
     rows = data["rows"]
-    # 7 linears stored once, each also rounded in application 0 alone and in application 1 alone; lm_head.
-    assert len(rows) == 7 * 3 + 1 and {r["application"] for r in rows} == {None, 0, 1}
+    # 2 blocks x 7 linears, each rounded in all its applications, in its first alone, in its second alone; lm_head.
+    assert len(rows) == 2 * 7 * 3 + 1 and {r["application"] for r in rows} == {None, 0, 1, 2, 3}
     assert [r["delta"] for r in rows] == sorted((r["delta"] for r in rows), reverse=True)
     assert data["bits"] == 4 and data["tokens"] == 64 and data["perplexity"] > 1
     top = rows[0]["layer"] + ("" if rows[0]["application"] is None else f" @{rows[0]['application']}")
     assert f"     1  {top}" in out
     for r in rows:
         assert abs(r["perplexity"] / data["perplexity"] - 1 - r["delta"]) < 1e-9
+    # The measurement reruns only the block applications after the probed one: every whole-layer row
+    # equals the reference model's own full forward pass with that weight rounded.
+    loaded = load_checkpoint(ckpt, None)
+    model, windows = loaded.model.eval(), sensitivity_windows(loaded, 64)
+
+    def perplexity() -> float:
+        with torch.no_grad():
+            nll = sum(float(F.cross_entropy(model(w[None])[0, :-1], w[1:], reduction="sum")) for w in windows)
+        return math.exp(nll / sum(len(w) - 1 for w in windows))
+
+    assert perplexity() == pytest.approx(data["perplexity"], rel=1e-5)
+    for r in (r for r in rows if r["application"] is None):
+        linear = model.get_submodule(r["layer"])
+        original = linear.weight.detach().clone()
+        with torch.no_grad():
+            linear.weight.copy_(WeightQuant(bits=4, group_size=32).fake(original))
+        assert perplexity() == pytest.approx(r["perplexity"], rel=1e-5), r["layer"]
+        with torch.no_grad():
+            linear.weight.copy_(original)
 
 
 def test_text_is_set_in_matplotlibs_own_font() -> None:

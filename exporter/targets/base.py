@@ -38,16 +38,20 @@ class TargetOptions:
     group_size: int = 32
     embedding_bits: int | None = None  # None: the target's default (8, or 16 with --bits 16)
     output_bits: int | None = None  # a separately stored output projection; None: the target's default
-    # Mixed precision: (block linear role, bits) pairs, e.g. (("w2", 8),); None: the target's default.
+    # Mixed precision: (selector, bits) pairs, e.g. (("w2", 8),) (see mixed_precision.py); None: the target's default.
     layer_bits: tuple[tuple[str, int], ...] | None = None
+    # Block selectors picked from a sensitivity ranking (`--sensitivity`), on top of `layer_bits` or the default.
+    sensitive_layer_bits: tuple[tuple[str, int], ...] = ()
     max_seq_len: int = 512
     fuse: bool = True
     method: QuantMethod = field(default_factory=QuantMethod)  # how codes are chosen within the format
 
     def resolved_layer_bits(self, default: dict[int, tuple[tuple[str, int], ...]]) -> tuple[tuple[str, int], ...]:
-        """(role, bits) of the block linears not at `bits`: the options', else the target's default for these bits."""
-        chosen = self.layer_bits if self.layer_bits is not None else default.get(self.bits, ())
-        return tuple((role, bits) for role, bits in chosen if bits != self.bits)
+        """(selector, bits) of the block linears: the options' (else the target's default for these bits), then
+        the sensitivity picks. Kept even at `bits`: "w2=8" with "w2@5=4" keeps block 5's at 4."""
+        chosen = dict(self.layer_bits if self.layer_bits is not None else default.get(self.bits, ()))
+        chosen.update(self.sensitive_layer_bits)
+        return tuple(chosen.items())
 
     def export_settings(self) -> ExportSettings:
         return ExportSettings(max_seq_len=self.max_seq_len, fuse=self.fuse)
