@@ -225,6 +225,11 @@ def inspect(
     bits: int = typer.Option(4, "--bits", help="With --sensitivity: the bit width each layer is rounded to."),
     group_size: int = typer.Option(32, "--group-size", help="With --sensitivity: quantization group size."),
     tokens: int = typer.Option(512, "--tokens", help="With --sensitivity: calibration tokens per measurement."),
+    sensitivity_method: QuantMethodChoice = typer.Option(
+        QuantMethodChoice.gptq,
+        "--quant-method",
+        help="With --sensitivity: how each layer is rounded, as export's --quant-method (gptq reads the export's Hessians).",
+    ),
     output: Path = typer.Option(Path("."), "--output", "-o", help="With --sensitivity: where the chart and data go."),
 ) -> None:
     """Describe a checkpoint: architecture, parameters, sharing, tokenizer, memory, export-graph op counts;
@@ -232,7 +237,7 @@ def inspect(
     if sensitivity:
         from .sensitivity import run_sensitivity
 
-        typer.echo(run_sensitivity(checkpoint, config, bits, group_size, tokens, output))
+        typer.echo(run_sensitivity(checkpoint, config, bits, group_size, tokens, output, sensitivity_method.value))
         return
     from .inspect import describe
 

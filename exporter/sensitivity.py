@@ -1,11 +1,12 @@
 """`inspect CKPT --sensitivity`: how much quantizing each linear layer alone moves perplexity.
 
-Each stored linear weight (and the untied output projection) is rounded alone to `bits` (round to
-nearest, groups of `group_size`, the MSE-searched scale every target's quantizer starts from), every
-other weight stays fp32, and the reference model's perplexity on the shipped calibration text is
-measured; for a shared block, each application is also rounded alone (the other applications keep the
-fp32 weight). The ranking is what a mixed-precision choice reads: the layers at the top are the ones
-to keep at more bits. Rows are written as `sensitivity.json`, the chart as `sensitivity.png`.
+Each stored linear weight (and the untied output projection) is rounded alone to `bits` the way an
+export rounds it (`--quant-method`: by default GPTQ with the export's Hessians from the shipped
+calibration text, symmetric groups of `group_size` with searched clipping), every other weight stays
+fp32, and the reference model's perplexity on the calibration text is measured; for a shared block,
+each application is also rounded alone (the other applications keep the fp32 weight). The ranking is
+what a mixed-precision choice reads (`export --sensitivity`): the layers at the top are the ones to keep
+at more bits. Rows are written as `sensitivity.json`, the chart as `sensitivity.png`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from .atomic import check_writable, write_atomic
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import UserError, loading
 from .model import DecoderLayer, MobileLLM
-from .quantize import WeightQuant
+from .export_model import ExportModel, ExportSettings
+from .quantize import QuantMethod, WeightQuant, calibration_windows, collect_hessians
 from .tokenizer import load_tokenizer, parity_tokens
 
 LINEARS = (
@@ -40,6 +42,16 @@ LINEARS = (
     "mlp.down_proj",
 )
 SENSITIVITY_PICTURE, SENSITIVITY_DATA = "sensitivity.png", "sensitivity.json"
+# The reference linear's weight in the unfused export model (whose Hessians GPTQ reads).
+EXPORT_NAME = {
+    "self_attn.q_proj": "wq",
+    "self_attn.k_proj": "wk",
+    "self_attn.v_proj": "wv",
+    "self_attn.o_proj": "wo",
+    "mlp.gate_proj": "w1",
+    "mlp.up_proj": "w3",
+    "mlp.down_proj": "w2",
+}
 
 
 @dataclass(frozen=True)
@@ -115,12 +127,34 @@ def _probes(model: MobileLLM) -> list[Probe]:
     return out
 
 
+def _export_hessians(ckpt: Checkpoint, method: QuantMethod) -> dict[str, Tensor]:
+    """The Hessians an export's GPTQ reads (same calibration windows), keyed by reference layer name."""
+    context = min(512, ckpt.config.max_context)
+    windows = calibration_windows(ckpt, method, context)
+    if not windows:
+        return {}
+    model = ExportModel.from_reference(ckpt.model, ExportSettings(max_seq_len=context, fuse=False))
+    by_export = collect_hessians(model, windows)
+    out = {
+        f"layers.{b}.{ref}": by_export[f"blocks.{b}.{name}.weight"]
+        for b in range(ckpt.config.n_layers)
+        for ref, name in EXPORT_NAME.items()
+    }
+    if "output.weight" in by_export:
+        out["lm_head"] = by_export["output.weight"]
+    return out
+
+
 @torch.no_grad()
-def measure_sensitivity(ckpt: Checkpoint, bits: int = 4, group_size: int = 32, tokens: int = 512) -> dict[str, Any]:
+def measure_sensitivity(
+    ckpt: Checkpoint, bits: int = 4, group_size: int = 32, tokens: int = 512, method: str = "gptq"
+) -> dict[str, Any]:
     """Perplexity of the fp32 model and, per probe, with only that weight (or application) rounded."""
     model = ckpt.model.eval()
     windows = sensitivity_windows(ckpt, tokens)
-    wq = WeightQuant(bits=bits, group_size=group_size)
+    quant_method = QuantMethod.named(method)
+    wq = quant_method.apply(WeightQuant(bits=bits, group_size=group_size), has_zero_points=quant_method.asymmetric)
+    hessians = _export_hessians(ckpt, quant_method)
     prefix = _Prefix(model, _batches(windows))
     base = prefix.nll()
     schedule = model.config.schedule()
@@ -130,7 +164,7 @@ def measure_sensitivity(ckpt: Checkpoint, bits: int = 4, group_size: int = 32, t
         linear: nn.Linear = model.get_submodule(probe.layer)
         original = linear.weight.detach().clone()
         if probe.layer not in rounded_cache:
-            rounded_cache[probe.layer] = wq.fake(original)
+            rounded_cache[probe.layer] = wq.quantize(original, hessians.get(probe.layer)).dequantize().to(original.dtype)
         rounded = rounded_cache[probe.layer]
         if probe.application is None:
             start = schedule.index(probe.block) if probe.block is not None else len(schedule)
@@ -157,6 +191,7 @@ def measure_sensitivity(ckpt: Checkpoint, bits: int = 4, group_size: int = 32, t
         "checkpoint": ckpt.hub_id or str(ckpt.source),
         "bits": bits,
         "group_size": group_size,
+        "method": method,
         "tokens": int(sum(len(w) for w in windows)),
         "sharing": model.config.sharing,
         "perplexity": math.exp(base),
@@ -170,7 +205,7 @@ def row_label(row: dict[str, Any]) -> str:
 
 def ranking(result: dict[str, Any], top: int | None = None) -> str:
     lines = [
-        f"sensitivity     {result['bits']}-bit round to nearest (groups of {result['group_size']}), one layer at a time; "
+        f"sensitivity     {result['bits']}-bit {result.get('method', 'mse')} (groups of {result['group_size']}), one layer at a time; "
         f"perplexity on {result['tokens']} calibration tokens, fp32 {result['perplexity']:.3f}",
         f"  {'rank':>4}  {'layer (@application)':<36} {'perplexity':>10}  {'change':>8}",
     ]
@@ -188,7 +223,13 @@ def write_sensitivity(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def run_sensitivity(
-    checkpoint: Path | None, config: str | None, bits: int, group_size: int, tokens: int, output: Path
+    checkpoint: Path | None,
+    config: str | None,
+    bits: int,
+    group_size: int,
+    tokens: int,
+    output: Path,
+    method: str = "gptq",
 ) -> str:
     """`inspect --sensitivity`: measure, write the chart and data into `output`, return the ranking."""
     if bits not in (4, 8):
@@ -203,6 +244,7 @@ def run_sensitivity(
     for what, width in (("hidden size", cfg.dim), ("ffn width", cfg.ffn_dim)):
         if width % group_size:
             raise UserError(f"--group-size {group_size} does not divide the {what} {width}")
-    result = measure_sensitivity(ckpt, bits, group_size, tokens)
+    QuantMethod.named(method)  # an unknown method: one line before any work
+    result = measure_sensitivity(ckpt, bits, group_size, tokens, method)
     written = write_sensitivity(result, output)
     return ranking(result) + "\nwrote " + ", ".join(str(p) for p in written)

@@ -23,8 +23,9 @@ from mobilellm.exporter import bundle as bundle_module
 from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
 from mobilellm.exporter.bundle import MANIFEST, open_bundle
 from mobilellm.exporter.checkpoint import load_checkpoint, save_checkpoint
-from mobilellm.exporter.quantize import WeightQuant
-from mobilellm.exporter.sensitivity import sensitivity_windows
+from mobilellm.exporter.export_model import ExportModel, ExportSettings
+from mobilellm.exporter.quantize import QuantMethod, QuantScheme, WeightQuant, calibration_windows, quantize_model
+from mobilellm.exporter.sensitivity import EXPORT_NAME, sensitivity_windows
 from mobilellm.validation import plots, reports
 
 
@@ -164,8 +165,8 @@ def test_sensitivity_of_a_tiny_shared_model(tmp_path: Path, capsys: pytest.Captu
     the chart a valid PNG and its data the rows printed."""
     cfg = tiny_config(n_layers=2, sharing="immediate", share_embedding=False)
     ckpt = save_checkpoint(random_model(cfg), tmp_path / "tiny", tokenizer=DEFAULT_MODEL_DIR / "tokenizer.model")
-    args = ["inspect", str(ckpt), "--sensitivity", "--bits", "4", "--tokens", "64", "--output", str(tmp_path / "s")]
-    code, out, err = run_cli(args, capsys)
+    args = ["inspect", str(ckpt), "--sensitivity", "--bits", "4", "--tokens", "64", "--quant-method", "rtn"]
+    code, out, err = run_cli([*args, "--output", str(tmp_path / "s")], capsys)
     assert code == 0, err
     data = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
     check_png(tmp_path / "s" / "sensitivity.png")
@@ -193,7 +194,31 @@ def test_sensitivity_of_a_tiny_shared_model(tmp_path: Path, capsys: pytest.Captu
         linear = model.get_submodule(r["layer"])
         original = linear.weight.detach().clone()
         with torch.no_grad():
-            linear.weight.copy_(WeightQuant(bits=4, group_size=32).fake(original))
+            linear.weight.copy_(QuantMethod.named("rtn").apply(WeightQuant(bits=4, group_size=32), False).fake(original))
+        assert perplexity() == pytest.approx(r["perplexity"], rel=1e-5), r["layer"]
+        with torch.no_grad():
+            linear.weight.copy_(original)
+
+    # The default ranks the export's own rounding: GPTQ on the export model's calibration Hessians. A row
+    # equals the full forward pass with the weight the export's quantizer stores for that layer.
+    code, _, err = run_cli(["inspect", str(ckpt), "--sensitivity", "--tokens", "64", "--output", str(tmp_path / "g")], capsys)
+    assert code == 0, err
+    gptq = json.loads((tmp_path / "g" / "sensitivity.json").read_text())
+    assert (gptq["method"], data["method"]) == ("gptq", "rtn")
+    method = QuantMethod.named("gptq")
+    linear_quant = method.apply(WeightQuant(bits=4, group_size=32), False)
+    export_model = ExportModel.from_reference(model, ExportSettings(max_seq_len=128, fuse=False))
+    stored = quantize_model(
+        export_model,
+        QuantScheme(linear=linear_quant, embedding=linear_quant, output=linear_quant),
+        calibration_windows(loaded, method, 128),
+    )
+    for r in (r for r in gptq["rows"] if r["application"] is None and r["layer"] != "lm_head"):
+        _, block, name = r["layer"].split(".", 2)
+        linear = model.get_submodule(r["layer"])
+        original = linear.weight.detach().clone()
+        with torch.no_grad():
+            linear.weight.copy_(stored.dequantized(f"blocks.{block}.{EXPORT_NAME[name]}.weight"))
         assert perplexity() == pytest.approx(r["perplexity"], rel=1e-5), r["layer"]
         with torch.no_grad():
             linear.weight.copy_(original)

@@ -503,7 +503,7 @@ def export(
 
 
 # ============================================================================ runtime
-def _load_kernels() -> None:
+def load_kernels() -> None:
     """Register the llama custom ops (update_cache, custom_sdpa) and the quantized kernels
     (embedding_byte/4bit) in the ExecuTorch runtime; their AOT libraries carry the kernels."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
@@ -625,7 +625,7 @@ class ExecuTorchRuntime(TargetRuntime):
     def __init__(self, pte_path: Path) -> None:
         from executorch.runtime import Runtime
 
-        _load_kernels()
+        load_kernels()
         self.xnnpack_weight_cache = enable_xnnpack_weight_cache()
         if not Path(pte_path).is_file():
             raise UserError(f"{pte_path}: ExecuTorch program not found")
@@ -686,7 +686,7 @@ def generate_with_runner(
     """Generate with ExecuTorch's stock C++ TextLLMRunner (the runner the phone apps use) from the
     bundle's model.pte and a tokenizer; greedy at temperature 0. `bos` prepends the BOS token (the
     runner's `num_bos`; MobileLLM is trained with it). Returns the generated text (prompt not echoed)."""
-    _load_kernels()
+    load_kernels()
     enable_xnnpack_weight_cache()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
