@@ -291,7 +291,7 @@ def sensitivity_png(result: dict[str, Any], top: int = 40) -> bytes:
             f"top {len(rows)} of {len(result['rows'])}" if len(result["rows"]) > len(rows) else f"{len(rows)} layers"
         )
         ax.set_title(
-            f"{result['bits']}-bit sensitivity ({shown}); fp32 perplexity {result['perplexity']:.3f} "
-            f"on {result['tokens']} calibration tokens"
+            f"{result['bits']}-bit {result.get('method', 'mse')} sensitivity ({shown}); "
+            f"fp32 perplexity {result['perplexity']:.3f} on {result['tokens']} calibration tokens"
         )
         return _png(fig)
