@@ -190,7 +190,7 @@ def test_q4_artifact_metadata_and_sizes(q4):
     assert art.info["size"]["minimum_bytes"] <= art.info["pte_bytes"]
     from executorch.runtime import Runtime
 
-    et._load_kernels()
+    et.load_kernels()
     program = Runtime.get().load_program(bundle / "model.pte")
     names = set(program.method_names)
     for meth in (
@@ -287,3 +287,23 @@ def test_fast_lowering_writes_the_stock_lowerings_bytes(bits, sharing, custom_op
     stock, _ = et.lower_to_pte(model, quantized, meta, custom_ops, fast_lowering=False)
     assert len(fast) == len(stock)
     assert fast == stock
+
+
+def test_the_runtime_sizes_executorchs_pool_like_torchs(q4):
+    """The pip runtime's attention reads both torch's and ExecuTorch's thread pools (mismatched, it ran
+    10-1000x slower on the real model): a runtime opened at 1 and at 2 torch threads runs its pool at the
+    same count, and the logits agree (the split of work between threads changes the float order only)."""
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+
+    _, bundle, _, _, _ = q4
+    tokens, saved = _tokens(seed=5), torch.get_num_threads()
+    logits = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rt = et.open_runtime(bundle, {"artifact": "model.pte"})
+            assert rt.details()["executorch_threads"] == threads == _threadpool_get_thread_count()
+            logits[threads] = run_runtime(rt, tokens, PREFILL)
+    finally:
+        torch.set_num_threads(saved)
+    np.testing.assert_allclose(logits[1], logits[2], atol=1e-3)
