@@ -6,7 +6,10 @@ Each configuration is exported once (module-scoped fixtures); tiny random models
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -276,17 +279,32 @@ def test_f32_pte_equals_reference(f32):
     ("bits", "sharing", "custom_ops"),
     [(4, "immediate", True), (8, "none", True)],
 )
-def test_fast_lowering_writes_the_stock_lowerings_bytes(bits, sharing, custom_ops):
-    """The skipped XNNPACK passes and the skipped decomposition round trip change nothing in the .pte."""
+def test_fast_lowering_writes_the_stock_lowerings_bytes(bits, sharing, custom_ops, monkeypatch):
+    """The skipped XNNPACK passes, the skipped decomposition round trip and the fast partitioning (shared
+    constants copied in one batch, one recompile for all partition cuts, the partitioner's cycle check
+    by set intersection) change nothing in the .pte."""
     cfg = tiny_config(n_layers=1, vocab_size=VOCAB, sharing=sharing)
     opts = TargetOptions(bits=bits, group_size=32, max_seq_len=32)
     model = ExportModel.from_reference(random_model(cfg), ExportSettings(max_seq_len=opts.max_seq_len))
     quantized = quantize_model(model, et.quant_scheme(opts))
     meta = {"get_max_seq_len": opts.max_seq_len}
+    copiers = []
+    fast_partitioning = et.fast_partitioning
+
+    @contextlib.contextmanager
+    def recording() -> Iterator[Any]:
+        with fast_partitioning() as copier:
+            copiers.append(copier)
+            yield copier
+
+    monkeypatch.setattr(et, "fast_partitioning", recording)
     fast, _ = et.lower_to_pte(model, quantized, meta, custom_ops, fast_lowering=True)
     stock, _ = et.lower_to_pte(model, quantized, meta, custom_ops, fast_lowering=False)
     assert len(fast) == len(stock)
     assert fast == stock
+    # the shortcut ran: the shared block's weights and scales feed two partitions (12 copies in 4)
+    assert len(copiers) == 1
+    assert (copiers[0].made > 0) == (sharing != "none"), copiers[0].made
 
 
 def test_the_runtime_sizes_executorchs_pool_like_torchs(q4):
