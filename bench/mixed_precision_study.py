@@ -19,8 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def study_row(
-    hf_dir: Path, target: str, label: str, layer_bits: dict[str, int] | None, ranking: Path | None, layers: int,
-    out: Path, windows: list[list[int]], base_ppl: float,
+    hf_dir: Path,
+    target: str,
+    label: str,
+    layer_bits: dict[str, int] | None,
+    ranking: Path | None,
+    layers: int,
+    out: Path,
+    windows: list[list[int]],
+    base_ppl: float,
 ) -> dict[str, Any]:
     from bench.real import runtime_perplexity
     from mobilellm.exporter.bundle import artifact_bytes, read_manifest
@@ -29,8 +36,15 @@ def study_row(
     from mobilellm.exporter.targets import load_target
 
     options = export_options_from_recipe(
-        None, checkpoint=hf_dir, target=target, bits=4, layer_bits=layer_bits,
-        sensitivity=ranking, sensitive_layers=layers if ranking else None, output=out, name=label,
+        None,
+        checkpoint=hf_dir,
+        target=target,
+        bits=4,
+        layer_bits=layer_bits,
+        sensitivity=ranking,
+        sensitive_layers=layers if ranking else None,
+        output=out,
+        name=label,
     )
     t0 = time.time()
     (bundle,) = run_export(options)
@@ -83,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / f"mixed_precision{'-' + args.only if args.only else ''}.json").write_text(json.dumps({"fp32_ppl": base, "rows": rows}, indent=2))
+    (args.output / f"mixed_precision{'-' + args.only if args.only else ''}.json").write_text(
+        json.dumps({"fp32_ppl": base, "rows": rows}, indent=2)
+    )
 
 
 if __name__ == "__main__":

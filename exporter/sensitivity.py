@@ -27,8 +27,8 @@ from .assets import DEFAULT_MODEL_DIR, calibration_text
 from .atomic import check_writable, write_atomic
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import UserError, loading
-from .model import DecoderLayer, MobileLLM
 from .export_model import ExportModel, ExportSettings
+from .model import DecoderLayer, MobileLLM
 from .quantize import QuantMethod, WeightQuant, calibration_windows, collect_hessians
 from .tokenizer import load_tokenizer, parity_tokens
 
@@ -164,7 +164,9 @@ def measure_sensitivity(
         linear: nn.Linear = model.get_submodule(probe.layer)
         original = linear.weight.detach().clone()
         if probe.layer not in rounded_cache:
-            rounded_cache[probe.layer] = wq.quantize(original, hessians.get(probe.layer)).dequantize().to(original.dtype)
+            rounded_cache[probe.layer] = (
+                wq.quantize(original, hessians.get(probe.layer)).dequantize().to(original.dtype)
+            )
         rounded = rounded_cache[probe.layer]
         if probe.application is None:
             start = schedule.index(probe.block) if probe.block is not None else len(schedule)

@@ -58,7 +58,12 @@ def test_a_ranking_becomes_block_selectors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "content, layers, bits, message",
     [
-        (None, 8, 4, "sensitivity file not found; write it with `mobilellm-export inspect CHECKPOINT --sensitivity --bits 4`"),
+        (
+            None,
+            8,
+            4,
+            "sensitivity file not found; write it with `mobilellm-export inspect CHECKPOINT --sensitivity --bits 4`",
+        ),
         ("{not json", 8, 4, "not a sensitivity.json"),
         ('{"rows": []}', 8, 4, "not a sensitivity.json"),
         ('{"bits": 8, "rows": []}', 8, 4, "ranks 8-bit rounding but this export is 4-bit"),
@@ -95,13 +100,17 @@ def test_export_reads_a_sensitivity_ranking(tmp_path: Path, capsys: pytest.Captu
     at 8 bits on top of the target's default (w2@q4km), parity passes, and validate rebuilds the scheme."""
     tokenizer = DEFAULT_MODEL_DIR / "tokenizer.model"
     ckpt = save_checkpoint(random_model(tiny_config(n_layers=2)), tmp_path / "tiny", tokenizer=tokenizer)
-    code, _, err = run_cli(["inspect", str(ckpt), "--sensitivity", "--tokens", "64", "--output", str(tmp_path / "s")], capsys)
+    code, _, err = run_cli(
+        ["inspect", str(ckpt), "--sensitivity", "--tokens", "64", "--output", str(tmp_path / "s")], capsys
+    )
     assert code == 0, err
     ranking = tmp_path / "s" / "sensitivity.json"
     picked = dict(sensitive_layer_bits(ranking, 2, 4, fuse=True))
 
     args = ["--checkpoint", str(ckpt), "--target", "onnx", "--bits", "4", "--max-seq-len", "32"]
-    code, _, err = run_cli([*args, "--output", str(tmp_path / "d"), "--sensitivity", str(ranking), "--sensitive-layers", "2"], capsys)
+    code, _, err = run_cli(
+        [*args, "--output", str(tmp_path / "d"), "--sensitivity", str(ranking), "--sensitive-layers", "2"], capsys
+    )
     assert code == 0, err
     bundle = tmp_path / "d" / "tiny-onnx-4bit"
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -110,7 +119,9 @@ def test_export_reads_a_sensitivity_ranking(tmp_path: Path, capsys: pytest.Captu
     eight = {("w2", b) for b in more_bits_blocks(2)} | {tuple((s.split("@")[0], int(s.split("@")[1]))) for s in picked}
     assert len(eight) > 1  # the picks add weights beyond the default's
     assert _matmul_bits(bundle) == sorted([4] * (2 * 4 - len(eight)) + [8] * (1 + len(eight)))
-    code, _, err = run_cli(["validate", str(bundle), "--checkpoint", str(ckpt), "--report-dir", str(tmp_path / "r")], capsys)
+    code, _, err = run_cli(
+        ["validate", str(bundle), "--checkpoint", str(ckpt), "--report-dir", str(tmp_path / "r")], capsys
+    )
     assert code == 0, err
 
     # A ranking of another model is refused before any work, in one line.

@@ -194,14 +194,18 @@ def test_sensitivity_of_a_tiny_shared_model(tmp_path: Path, capsys: pytest.Captu
         linear = model.get_submodule(r["layer"])
         original = linear.weight.detach().clone()
         with torch.no_grad():
-            linear.weight.copy_(QuantMethod.named("rtn").apply(WeightQuant(bits=4, group_size=32), False).fake(original))
+            linear.weight.copy_(
+                QuantMethod.named("rtn").apply(WeightQuant(bits=4, group_size=32), False).fake(original)
+            )
         assert perplexity() == pytest.approx(r["perplexity"], rel=1e-5), r["layer"]
         with torch.no_grad():
             linear.weight.copy_(original)
 
     # The default ranks the export's own rounding: GPTQ on the export model's calibration Hessians. A row
     # equals the full forward pass with the weight the export's quantizer stores for that layer.
-    code, _, err = run_cli(["inspect", str(ckpt), "--sensitivity", "--tokens", "64", "--output", str(tmp_path / "g")], capsys)
+    code, _, err = run_cli(
+        ["inspect", str(ckpt), "--sensitivity", "--tokens", "64", "--output", str(tmp_path / "g")], capsys
+    )
     assert code == 0, err
     gptq = json.loads((tmp_path / "g" / "sensitivity.json").read_text())
     assert (gptq["method"], data["method"]) == ("gptq", "rtn")
