@@ -109,7 +109,9 @@ def export(
     layer_bits: Optional[list[str]] = typer.Option(
         None,
         "--layer-bits",
-        help="Mixed precision: ROLE=BITS for every block's ROLE linear (wqkv, wo, w13, w2; unfused: wq wk wv w1 w3), ROLE@q4km=BITS for the blocks llama.cpp's Q4_K_M gives more bits; repeatable; 'none' for uniform. Default: the target's (README).",
+        help="Mixed precision: ROLE=BITS for every block's ROLE linear (wqkv, wo, w13, w2; unfused: wq wk wv w1 w3), "
+        "ROLE@q4km=BITS for the blocks llama.cpp's Q4_K_M gives more bits, ROLE@7=BITS for block 7's; the most "
+        "specific wins; repeatable; 'none' for uniform. Default: the target's (README).",
     ),
     sensitivity: Optional[Path] = typer.Option(
         None,
@@ -172,15 +174,13 @@ def parse_layer_bits(items: list[str] | None) -> dict[str, int] | None:
         return None
     if items == ["none"]:
         return {}
-    from .mixed_precision import ROLES, check_selector
+    from .mixed_precision import ROLES, check_layer_bits
 
     out: dict[str, int] = {}
     for item in items:
         selector, _, bits = item.partition("=")
         try:
-            check_selector(selector)
-            if bits not in ("4", "8", "16"):
-                raise ValueError(bits)
+            check_layer_bits(selector, {"4": 4, "8": 8, "16": 16}.get(bits, bits))
         except ValueError:
             raise UserError(
                 f"--layer-bits {item!r}: expected SELECTOR=BITS, SELECTOR a role ({', '.join(ROLES)}) alone (every "

@@ -23,7 +23,7 @@ FUSED_ROLES = ("wqkv", "wo", "w13", "w2")
 UNFUSED_ROLES = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
 ROLES = tuple(dict.fromkeys(FUSED_ROLES + UNFUSED_ROLES))
 # A reference (Hugging Face) linear's role in the export model: (unfused, fused).
-_ROLE_OF_LINEAR = {
+ROLE_OF_LINEAR = {
     "self_attn.q_proj": ("wq", "wqkv"),
     "self_attn.k_proj": ("wk", "wqkv"),
     "self_attn.v_proj": ("wv", "wqkv"),
@@ -40,11 +40,13 @@ def more_bits_blocks(n_layers: int) -> set[int]:
     return {i for i in range(n_layers) if i < n_layers / 8 or i >= 7 * n_layers / 8 or (i - n_layers // 8) % 3 == 2}
 
 
-def check_selector(selector: str) -> None:
-    """Raise ValueError unless `selector` is ROLE, ROLE@q4km or ROLE@BLOCK."""
+def check_layer_bits(selector: str, bits: object) -> None:
+    """Raise ValueError unless `selector` is ROLE, ROLE@q4km or ROLE@BLOCK and `bits` is 4, 8 or 16."""
     role, at, which = selector.partition("@")
     if role not in ROLES or (at and which != "q4km" and not which.isdigit()):
         raise ValueError(selector)
+    if isinstance(bits, bool) or bits not in (4, 8, 16):
+        raise ValueError(bits)
 
 
 def selector_rank(selector: str, role: str, block: int, n_layers: int) -> int | None:
@@ -88,9 +90,9 @@ def sensitive_layer_bits(path: Path, layers: int, export_bits: int, fuse: bool) 
     picked: dict[str, int] = {}
     for layer, application in ranked:
         parts = str(layer).split(".", 2)  # layers.{b}.self_attn.q_proj
-        if application is not None or len(parts) != 3 or parts[0] != "layers" or parts[2] not in _ROLE_OF_LINEAR:
+        if application is not None or len(parts) != 3 or parts[0] != "layers" or parts[2] not in ROLE_OF_LINEAR:
             continue  # one application alone, or the untied lm_head (--output-bits sets it)
-        role = _ROLE_OF_LINEAR[parts[2]][1 if fuse else 0]
+        role = ROLE_OF_LINEAR[parts[2]][1 if fuse else 0]
         picked.setdefault(f"{role}@{int(parts[1])}", 2 * export_bits)
         if len(picked) == layers:
             break

@@ -17,7 +17,7 @@ from mobilellm.validation.parity import resolve_thresholds
 from .checkpoint import resolve_config
 from .config import ModelConfig, preset
 from .errors import UserError
-from .mixed_precision import ROLES, check_selector, sensitive_layer_bits
+from .mixed_precision import ROLES, check_layer_bits, sensitive_layer_bits
 from .quantize import QuantMethod
 from .targets import TARGET_NAMES, TargetOptions
 
@@ -131,14 +131,12 @@ def load_recipe(path: Path) -> Recipe:
     resolve_config(config_file) if config_file else preset(model["preset"])  # unknown preset, bad file -> clear error
     for selector, value in raw.get("export", {}).get("layer_bits", {}).items():
         try:
-            check_selector(selector)
+            check_layer_bits(selector, value)
         except ValueError:
             raise UserError(
                 f"{path}: export.layer_bits: {selector!r} is not ROLE, ROLE@q4km or ROLE@BLOCK (ROLE one of "
-                f"{', '.join(ROLES)})"
+                f"{', '.join(ROLES)}) or its value {value!r} is not 4, 8 or 16"
             ) from None
-        if value not in (4, 8, 16) or isinstance(value, bool):
-            raise UserError(f"{path}: export.layer_bits.{selector} = {value!r} is not one of 4, 8, 16")
     thresholds = raw.get("parity", {}).get("thresholds", {})
     bits = raw.get("export", {}).get("bits", 4)
     try:

@@ -28,6 +28,7 @@ from .atomic import check_writable, write_atomic
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import UserError, loading
 from .export_model import ExportModel, ExportSettings
+from .mixed_precision import ROLE_OF_LINEAR
 from .model import DecoderLayer, MobileLLM
 from .quantize import QuantMethod, WeightQuant, calibration_windows, collect_hessians
 from .tokenizer import load_tokenizer, parity_tokens
@@ -42,16 +43,6 @@ LINEARS = (
     "mlp.down_proj",
 )
 SENSITIVITY_PICTURE, SENSITIVITY_DATA = "sensitivity.png", "sensitivity.json"
-# The reference linear's weight in the unfused export model (whose Hessians GPTQ reads).
-EXPORT_NAME = {
-    "self_attn.q_proj": "wq",
-    "self_attn.k_proj": "wk",
-    "self_attn.v_proj": "wv",
-    "self_attn.o_proj": "wo",
-    "mlp.gate_proj": "w1",
-    "mlp.up_proj": "w3",
-    "mlp.down_proj": "w2",
-}
 
 
 @dataclass(frozen=True)
@@ -138,7 +129,7 @@ def _export_hessians(ckpt: Checkpoint, method: QuantMethod) -> dict[str, Tensor]
     out = {
         f"layers.{b}.{ref}": by_export[f"blocks.{b}.{name}.weight"]
         for b in range(ckpt.config.n_layers)
-        for ref, name in EXPORT_NAME.items()
+        for ref, (name, _fused) in ROLE_OF_LINEAR.items()
     }
     if "output.weight" in by_export:
         out["lm_head"] = by_export["output.weight"]

@@ -24,8 +24,9 @@ from mobilellm.exporter.assets import DEFAULT_MODEL_DIR
 from mobilellm.exporter.bundle import MANIFEST, open_bundle
 from mobilellm.exporter.checkpoint import load_checkpoint, save_checkpoint
 from mobilellm.exporter.export_model import ExportModel, ExportSettings
+from mobilellm.exporter.mixed_precision import ROLE_OF_LINEAR
 from mobilellm.exporter.quantize import QuantMethod, QuantScheme, WeightQuant, calibration_windows, quantize_model
-from mobilellm.exporter.sensitivity import EXPORT_NAME, sensitivity_windows
+from mobilellm.exporter.sensitivity import sensitivity_windows
 from mobilellm.validation import plots, reports
 
 
@@ -222,7 +223,7 @@ def test_sensitivity_of_a_tiny_shared_model(tmp_path: Path, capsys: pytest.Captu
         linear = model.get_submodule(r["layer"])
         original = linear.weight.detach().clone()
         with torch.no_grad():
-            linear.weight.copy_(stored.dequantized(f"blocks.{block}.{EXPORT_NAME[name]}.weight"))
+            linear.weight.copy_(stored.dequantized(f"blocks.{block}.{ROLE_OF_LINEAR[name][0]}.weight"))
         assert perplexity() == pytest.approx(r["perplexity"], rel=1e-5), r["layer"]
         with torch.no_grad():
             linear.weight.copy_(original)
