@@ -325,3 +325,43 @@ def test_the_runtime_sizes_executorchs_pool_like_torchs(q4):
     finally:
         torch.set_num_threads(saved)
     np.testing.assert_allclose(logits[1], logits[2], atol=1e-3)
+
+
+def test_in_place_legalize_graph_leaves_what_torchs_copy_leaves():
+    """The in-place re-sort leaves the graph torch's copying `legalize_graph` leaves: the node order,
+    the generated code, the find_nodes order and the names the next nodes get (a namespace with holes
+    from erased nodes, as after a partition cut)."""
+    import copy
+
+    from torch.fx.passes.tools_common import legalize_graph
+
+    cfg = tiny_config(n_layers=1, vocab_size=VOCAB)
+    model = ExportModel.from_reference(random_model(cfg), ExportSettings(max_seq_len=32))
+    gm = torch.export.export(model, model.example_inputs(), strict=False).graph_module
+
+    def disordered() -> Any:
+        g = copy.deepcopy(gm)
+        ops = [n for n in g.graph.nodes if n.op == "call_function"]
+        for node in ops[3:40:7]:  # users now run before these: the order legalize_graph must repair
+            g.graph.output_node().prepend(node)
+        x = g.graph.find_nodes(op="placeholder")[-1]
+        with g.graph.inserting_before(g.graph.output_node()):
+            holes = [g.graph.call_function(torch.ops.aten.add.Tensor, (x, x)) for _ in range(3)]
+        for node in holes:  # their names stay taken in this graph's namespace, not in a copy's
+            g.graph.erase_node(node)
+        return g
+
+    before = [n.name for n in disordered().graph.nodes]
+    stock, ours = legalize_graph(disordered()), et._legalize_graph_in_place(disordered())
+    assert [n.name for n in ours.graph.nodes] == [n.name for n in stock.graph.nodes] != before
+    assert ours.code == stock.code
+    for op, target in [("placeholder", None), ("call_function", torch.ops.aten.linear.default)]:
+        found = [[n.name for n in g.graph.find_nodes(op=op, target=target, sort=False)] for g in (ours, stock)]
+        assert found[0] == found[1] and found[0]
+    x = stock.graph.find_nodes(op="placeholder")[-1].name
+    new_names = [
+        [g.graph.call_function(torch.ops.aten.add.Tensor, (arg, arg)).name for _ in range(3)]
+        for g in (ours, stock)
+        for arg in [next(n for n in g.graph.nodes if n.name == x)]
+    ]
+    assert new_names[0] == new_names[1]
