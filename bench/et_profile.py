@@ -8,6 +8,10 @@ operators are summed by kind; "delegate overhead" is a delegate call's time not 
 (entering the delegate, quantizing activations between its ops is itself an operator); "between
 kernels" is the method's time outside every kernel and delegate call. Programs must take (tokens [1, S],
 input_pos [1]) like ours and export_llama's.
+
+OpenMP is set up as the CLI sets it up (mobilellm/exporter/threads.py); `OMP_NUM_THREADS=2 python -m
+bench.et_profile ...` profiles the runtime at OpenMP's defaults instead (the attention kernel's threads
+then each open a team of their own).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def profile_pte(
     from executorch.runtime import Runtime
 
     from mobilellm.exporter.targets.executorch import enable_xnnpack_weight_cache, load_kernels
+    from mobilellm.exporter.threads import one_openmp_thread
 
     load_kernels()
     enable_xnnpack_weight_cache()
@@ -42,10 +47,11 @@ def profile_pte(
     method = program.load_method("forward")
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 1000, (1, prompt_tokens), generator=gen)
-    method.execute([prompt, torch.tensor([0])])
-    token = torch.tensor([[7]])
-    for i in range(decode_tokens):
-        method.execute([token, torch.tensor([prompt_tokens + i])])
+    with one_openmp_thread():  # as ExecuTorchRuntime runs the method
+        method.execute([prompt, torch.tensor([0])])
+        token = torch.tensor([[7]])
+        for i in range(decode_tokens):
+            method.execute([token, torch.tensor([prompt_tokens + i])])
     with tempfile.TemporaryDirectory() as tmp:
         etdump = Path(tmp) / "run.etdp"
         program.write_etdump_result_to_file(str(etdump), str(Path(tmp) / "debug.bin"))
@@ -117,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path, help="write the profiles here")
     args = ap.parse_args(argv)
+    from mobilellm.exporter.threads import one_openmp_thread_outside_torch
+
+    one_openmp_thread_outside_torch()  # as the CLI runs the runtime (unless torch is loaded already)
     results = [profile_pte(p, args.threads, args.prompt_tokens, args.decode_tokens, args.et_threads) for p in args.pte]
     for r in results:
         print(table(r), flush=True)

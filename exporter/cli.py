@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from .errors import ParityError, UserError
+from .threads import one_openmp_thread_outside_torch
 
 app = typer.Typer(
     add_completion=False,
@@ -139,6 +140,7 @@ def export(
     ),
 ) -> None:
     """Export a checkpoint (the default command)."""
+    one_openmp_thread_outside_torch()  # every command: before anything loads torch
     if ctx.invoked_subcommand is not None:
         return
     from .pipeline import run_export

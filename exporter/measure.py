@@ -85,7 +85,12 @@ def run_fresh_process(module: str, args: list[str], pythonpath: Sequence[str | P
     if pythonpath:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
+    # OpenMP set up as in the CLI before the module (and torch) loads: see threads.py.
+    bootstrap = (
+        "import runpy, mobilellm.exporter.threads as t; t.one_openmp_thread_outside_torch(); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    proc = subprocess.run([sys.executable, "-c", bootstrap, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(
             f"benchmark subprocess failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"

@@ -45,6 +45,7 @@ from .quantize import (
 )
 from .recipe import ExportOptions
 from .targets import RunnerMetadata, Target, TargetOptions, load_target
+from .threads import one_openmp_thread_outside_torch
 from .tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, load_tokenizer, parity_tokens, write_tokenizer_json
 
 
@@ -308,7 +309,9 @@ def _export_in_parallel(
         hessian_file = Path(tmp) / "hessians.pt"
         torch.save(hessians, hessian_file)
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(len(groups) - 1, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            len(groups) - 1, mp_context=context, initializer=one_openmp_thread_outside_torch
+        ) as pool:
             futures = [
                 pool.submit(_export_group, options, group, hessian_file, thresholds, tokens, threads)
                 for group in groups[1:]

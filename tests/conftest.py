@@ -8,10 +8,15 @@ import stat
 from pathlib import Path
 
 import pytest
-import torch
 
-from mobilellm.exporter.config import ModelConfig
-from mobilellm.exporter.model import MobileLLM
+from mobilellm.exporter.threads import one_openmp_thread_outside_torch
+
+one_openmp_thread_outside_torch()  # as the CLI sets up a process, before torch loads
+
+import torch  # noqa: E402
+
+from mobilellm.exporter.config import ModelConfig  # noqa: E402
+from mobilellm.exporter.model import MobileLLM  # noqa: E402
 
 torch.set_num_threads(max(1, int(os.environ.get("TEST_THREADS", "1"))))
 

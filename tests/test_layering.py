@@ -17,6 +17,7 @@ PACKAGES = {"exporter": "mobilellm.exporter", "validation": "mobilellm.validatio
 # Every module, each importing only modules earlier in this list.
 ORDER = [
     "exporter.errors",
+    "exporter.threads",
     "exporter.config",
     "exporter.assets",
     "exporter.atomic",

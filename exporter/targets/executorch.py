@@ -45,6 +45,7 @@ from ..export_model import Attend, ExportModel, decode_stack
 from ..memory import StorageBreakdown, norm_bytes, quantized_storage, rope_table_bytes, size_report
 from ..progress import stage
 from ..quantize import QuantizedModel, QuantizedWeight, QuantScheme, WeightQuant, nbytes
+from ..threads import one_openmp_thread
 from .base import (
     ExportedArtifact,
     FunctionTarget,
@@ -779,11 +780,13 @@ def load_kernels() -> None:
 def match_threadpool_to_torch() -> int:
     """Size ExecuTorch's thread pool (XNNPACK's and the custom ops') to torch's intra-op thread count.
 
-    In the pip runtime `llama::custom_sdpa` reads both pools: its speed falls apart when they differ.
-    Measured per decode token on the real 135M model (4-bit .pte, 2-core x86, ETDump): attention 1.4 ms
-    with torch 1 / ExecuTorch 1 thread, 101 ms with torch 1 / ExecuTorch 2 (the pool's default is one
-    thread per core, so `torch.set_num_threads(1)` alone hit this), 1674 ms with torch 2 / ExecuTorch 1.
-    Returns the thread count both pools now use."""
+    In the pip runtime `llama::custom_sdpa` runs OpenMP regions inside ExecuTorch's pool: its speed falls
+    apart when the two disagree. Measured per decode token on the real 135M model (4-bit .pte, 2-core
+    x86, ETDump), OpenMP at its defaults: attention 1.4 ms with torch 1 / ExecuTorch 1 thread, 101 ms
+    with torch 1 / ExecuTorch 2 (the pool's default is one thread per core, so `torch.set_num_threads(1)`
+    alone hit this), 1674 ms with torch 2 / ExecuTorch 1; with OpenMP at one thread per thread
+    (`threads.one_openmp_thread_outside_torch`, then `one_openmp_thread` around each call, as the
+    runtime does) 1.2 ms at 2 / 2. Returns the thread count both pools now use."""
     from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
 
     threads = torch.get_num_threads()
@@ -938,7 +941,8 @@ class ExecuTorchRuntime(TargetRuntime):
     def forward_last(self, tokens: np.ndarray, start: int) -> np.ndarray:
         """One call of the program: logits [1, V] of the last position (what the runners read)."""
         t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).reshape(1, -1)
-        out = self._method.execute([t, torch.tensor([start], dtype=torch.long)])  # type: ignore[union-attr]
+        with one_openmp_thread():  # OpenMP inside the attention kernel, on every thread of the pool alike
+            out = self._method.execute([t, torch.tensor([start], dtype=torch.long)])  # type: ignore[union-attr]
         logits = out[0].float()
         return logits.reshape(-1, logits.shape[-1])[-1:].numpy().copy()
 
@@ -990,7 +994,8 @@ def generate_with_runner(
     config = GenerationConfig(
         echo=False, max_new_tokens=max_new_tokens, temperature=temperature, num_bos=1 if bos else 0
     )
-    runner.generate(prompt, config, token_callback=collect, stats_callback=on_stats)
+    with one_openmp_thread():
+        runner.generate(prompt, config, token_callback=collect, stats_callback=on_stats)
     return "".join(pieces)
 
 
