@@ -39,6 +39,7 @@ from .memory import human
 from .pipeline import bundle_name, failed_path, run_export
 from .quantize import QuantMethod
 from .recipe import export_options_from_recipe, load_recipe
+from .threads import one_openmp_thread_outside_torch
 from .validate import validate_bundle
 
 RELEASE_SCHEMA = "mobilellm-export/release"
@@ -234,7 +235,11 @@ def run_jobs(jobs: list[Job], checkpoints: dict[str, Path], output: Path, n_jobs
     results: list[JobResult] = []
     workers = min(n_jobs, len(jobs))
     print(f"release: {len(jobs)} job(s), {workers} at once, {threads} thread(s) each", file=sys.stderr, flush=True)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=one_openmp_thread_outside_torch,
+    ) as pool:
         futures = {
             pool.submit(
                 _run_job,
