@@ -30,6 +30,8 @@ _VARIABLE = "OMP_NUM_THREADS"
 
 def physical_cores() -> int:
     """Cores this process may run on, hyperthreads of one core counted once (torch's default)."""
+    if not hasattr(os, "sched_getaffinity"):  # macOS
+        return os.cpu_count() or 1
     cpus = os.sched_getaffinity(0)
     cores = set()
     for cpu in cpus:
@@ -53,7 +55,8 @@ def one_openmp_thread_outside_torch() -> bool:
         import torch
     finally:
         del os.environ[_VARIABLE]
-    torch.set_num_threads(physical_cores())
+    mkl = os.environ.get("MKL_NUM_THREADS", "")  # torch's default follows it when set
+    torch.set_num_threads(int(mkl) if mkl.isdigit() and int(mkl) > 0 else physical_cores())
     return True
 
 
@@ -63,8 +66,11 @@ _loaded: list[ctypes.CDLL] = []
 def _libgomp() -> ctypes.CDLL | None:
     """The libgomp torch loaded (its own copy, beside libtorch), or None while none is loaded."""
     if not _loaded:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libgomp" in line and line.rstrip().endswith(".so.1")}
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "libgomp" in line and line.rstrip().endswith(".so.1")}
+        except OSError:  # no /proc (macOS): torch's OpenMP there is not libgomp
+            return None
         if len(paths) != 1:
             return None
         lib = ctypes.CDLL(paths.pop())
