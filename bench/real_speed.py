@@ -259,6 +259,7 @@ def real_model_rows(args: argparse.Namespace) -> dict[str, Any]:
 
 def sharing_rows(args: argparse.Namespace) -> dict[str, Any]:
     """Random-weight 125M and 125M-LS (same seed): ExecuTorch and ONNX, LS over plain."""
+    from bench.genai_peer import time_genai_subprocess
     from mobilellm.exporter.measure import bench_bundle_subprocess
 
     out = args.output / "sharing"
@@ -281,6 +282,10 @@ def sharing_rows(args: argparse.Namespace) -> dict[str, Any]:
                 "export_s": exports[f"{preset} {target}"]["per_target_s"].get(target),
             }
             timers[f"{preset} {target}"] = lambda b=bundle: bench_bundle_subprocess(b, THREADS, PROMPT, DECODE)
+        # the client apps run the ONNX bundle with (shared past/present buffers; ours copies the cache)
+        bundle = out / f"{preset}-onnx-4bit"
+        rows[f"{preset} onnx genai"] = dict(rows[f"{preset} onnx"], target="ours onnx (onnxruntime-genai)")
+        timers[f"{preset} onnx genai"] = lambda b=bundle: time_genai_subprocess(b, THREADS, PROMPT, DECODE)
     print(f"timing sharing ({args.repeats} rounds) ...", flush=True)
     for key, med in median_rows(timers, args.repeats).items():
         rows[key].update(med)
@@ -291,7 +296,7 @@ def sharing_rows(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_ls_minus_plain_bytes": rows[f"125M-LS {t}"]["peak_rss_bytes"]
             - rows[f"125M {t}"]["peak_rss_bytes"],
         }
-        for t in ("executorch", "onnx")
+        for t in ("executorch", "onnx", "onnx genai")
     }
     return {"rows": rows, "ratios": ratios, "exports": exports}
 
