@@ -63,6 +63,9 @@ def study_row(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from mobilellm.exporter.threads import one_openmp_thread_outside_torch
+
+    one_openmp_thread_outside_torch()  # the CLI's OpenMP setup (in-process runtimes), before torch loads
     from bench.real import eval_windows, reference_perplexity
     from bench.real_model import build_real_checkpoints
 

@@ -209,6 +209,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from mobilellm.exporter.threads import one_openmp_thread_outside_torch
+
+    one_openmp_thread_outside_torch()  # the CLI's OpenMP setup (in-process runtimes), before torch loads
     sys.path.insert(0, str(REPO))
     from bench.real_model import build_real_checkpoints
 

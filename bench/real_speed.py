@@ -355,6 +355,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    from mobilellm.exporter.threads import one_openmp_thread_outside_torch
+
+    one_openmp_thread_outside_torch()  # the CLI's OpenMP setup (in-process runtimes), before torch loads
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", type=Path, default=REPO / "bench-results")
     ap.add_argument("--repeats", type=int, default=3)
