@@ -101,6 +101,9 @@ def run_fresh_process(module: str, args: list[str], pythonpath: Sequence[str | P
 def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
     """In-process measurement (call in a fresh process: see bench_bundle_subprocess)."""
     torch.set_num_threads(threads)
+    # Alone in its process, a runtime may spin its threads between ops as the apps' clients do
+    # (onnxruntime-genai's default); validation beside a second export process keeps them parked.
+    os.environ.setdefault("MOBILELLM_ORT_SPIN", "1")
     manifest = read_manifest(bundle)
     module = load_target(manifest["target"])
     base_rss = current_rss()

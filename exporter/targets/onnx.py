@@ -912,12 +912,16 @@ def _write_tokenizer(bundle_dir: Path, tokenizer: Path | None, cfg: Any) -> tupl
 class OnnxRuntime(TargetRuntime):
     """onnxruntime CPU session behind the `TargetRuntime` interface; present -> past between calls."""
 
-    def __init__(self, model_path: Path, threads: int | None = None, spin: bool = False) -> None:
+    def __init__(self, model_path: Path, threads: int | None = None, spin: bool | None = None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        # No spin-waiting between ops: on a shared or thermally limited CPU spinning threads steal
-        # the cores the next op needs (measured: large decode slowdowns on this 2-core machine).
+        # No spin-waiting between ops by default: beside another busy process (two export jobs) spinning
+        # threads steal the cores the next op needs (measured: large decode slowdowns on a 2-core
+        # machine). A speed measurement runs alone and spins (MOBILELLM_ORT_SPIN=1, set by `bench`), as
+        # onnxruntime-genai does: real 135M decode 88 -> 122 tok/s on 2 threads.
+        if spin is None:
+            spin = os.environ.get("MOBILELLM_ORT_SPIN") == "1"
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         threads = threads if threads is not None else int(os.environ.get("MOBILELLM_ORT_THREADS", "0"))
         so.intra_op_num_threads = threads  # 0: onnxruntime's default (one per physical core)
