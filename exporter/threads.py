@@ -75,7 +75,6 @@ def _libgomp() -> ctypes.CDLL | None:
             return None
         lib = ctypes.CDLL(paths.pop())
         lib.omp_get_max_threads.restype = ctypes.c_int
-        lib.omp_set_num_threads.argtypes = [ctypes.c_int]
         _loaded.append(lib)
     return _loaded[0]
 
@@ -103,8 +102,7 @@ def one_openmp_thread() -> Iterator[None]:
     No-op where OpenMP's default for new threads is not 1 (the process did not start with
     `one_openmp_thread_outside_torch`): one thread here and a team per pool thread there measured
     slower still (attention 101 ms/token)."""
-    lib = _libgomp()
-    if lib is None or _default_for_new_threads(lib) != 1:
+    if openmp_default_for_new_threads() != 1:
         yield
         return
     import torch

@@ -28,6 +28,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import operator
 import os
 import sys
 import tempfile
@@ -519,34 +520,28 @@ def _legalize_graph_in_place(gm: Any) -> Any:
     return gm
 
 
-def _prioritized_ops() -> frozenset[Any]:
-    """The ops torch's legalize_graph schedules first (a list local to that function; copied)."""
-    import operator
-
-    return frozenset(
-        [
-            operator.add,
-            operator.mul,
-            operator.sub,
-            operator.floordiv,
-            operator.truediv,
-            operator.mod,
-            operator.le,
-            operator.lt,
-            operator.ge,
-            operator.gt,
-            operator.eq,
-            operator.ne,
-            torch.ops.aten.sym_constrain_range.default,
-            torch.ops.aten.sym_constrain_range_for_size.default,
-            torch.ops.aten._assert_async.msg,
-            torch.ops.aten.scalar_tensor.default,
-            torch.ops.aten._assert_scalar.default,
-        ]
-    )
-
-
-_PRIORITIZED_OPS = _prioritized_ops()
+# The ops torch's legalize_graph schedules first (a list local to that function; copied).
+_PRIORITIZED_OPS = frozenset(
+    [
+        operator.add,
+        operator.mul,
+        operator.sub,
+        operator.floordiv,
+        operator.truediv,
+        operator.mod,
+        operator.le,
+        operator.lt,
+        operator.ge,
+        operator.gt,
+        operator.eq,
+        operator.ne,
+        torch.ops.aten.sym_constrain_range.default,
+        torch.ops.aten.sym_constrain_range_for_size.default,
+        torch.ops.aten._assert_async.msg,
+        torch.ops.aten.scalar_tensor.default,
+        torch.ops.aten._assert_scalar.default,
+    ]
+)
 
 
 @contextlib.contextmanager
