@@ -125,6 +125,10 @@ written (a mismatch fails the export before the bundle lands) and again by every
 target x bits) through `--recipe` on a tiny checkpoint; `make bench` exports the MobileLLM-125M and
 MobileLLM-LS-125M recipes at full size, model check included.
 
+Mixed precision in a recipe: `[export] layer_bits = {{w2 = 8, "wqkv@3" = 8}}` (the selectors of
+`--layer-bits`), or a ranking from `inspect --sensitivity`: `sensitivity = "sensitivity.json"` (relative
+to the recipe) with `sensitive_layers = 8`.
+
 `train_default_model.py` trains the embedded default model (see the top-level README).
 
 ## Memory per recipe

@@ -241,7 +241,10 @@ def compute_golden(runtimes: dict[str, TargetRuntime], all_tokens: np.ndarray, m
 # 0.004 (ONNX) / 0.018 (ExecuTorch: XNNPACK's float order flips int8 activation codes, which 30 layers
 # amplify; min cosine 0.968 on one decode step) against their twins; artifacts of a damaged checkpoint
 # (one block scaled, two layers swapped, a wrong rope theta) measured KL >= 0.29 against the reference
-# and >= 0.084 against the twin. The lowering allowance (twin.*) does not depend on the weight bits. Greedy-generation match is reported but not gated: one near-tie flip (which the decisive
+# and >= 0.084 against the twin. At 4 bits that flip noise alone moves 288 positions' perplexity by a
+# few percent and flips a few decisive top-1s: ExecuTorch with --group-size 64 measured KL 0.017 against
+# its twin (as the default's), perplexity +4.8% and decisive top-1 97.2% there, +0.9% on 1024 other
+# tokens; so KL carries the lowering check and the 4-bit twin perplexity / top-1 allow 5% / 96%. The lowering allowance (twin.*) does not depend on the weight bits. Greedy-generation match is reported but not gated: one near-tie flip (which the decisive
 # top-1 ignores) changes every later token, so a good 4-bit export matched its twin for 1 of 16 tokens.
 DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
     16: {
@@ -266,10 +269,10 @@ DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
         "reference.top1_decisive": 0.85,
         "reference.kl_divergence": 0.15,
         "reference.ppl_delta": 0.15,
-        "twin.top1_decisive": 0.98,
+        "twin.top1_decisive": 0.96,
         "twin.kl_divergence": 0.04,
         "twin.min_cosine": 0.95,
-        "twin.ppl_delta": 0.02,
+        "twin.ppl_delta": 0.05,
     },
 }
 # Metrics where smaller is better; every other metric must be at least its threshold.
