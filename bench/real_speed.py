@@ -302,6 +302,20 @@ def sharing_rows(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- report
+def kernel_report() -> dict[str, str]:
+    """What the runtimes that say so picked for this CPU (XNNPACK and MLAS say nothing; they read the
+    same CPUID torch's cpuinfo does)."""
+    import llama_cpp
+    import torch
+
+    info = llama_cpp.llama_print_system_info().decode().split("|")
+    return {
+        "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "llama.cpp": " ".join(f for f in (i.strip() for i in info) if f.startswith("CPU :") or "= 1" in f),
+        "llama.cpp build": str(Path(llama_cpp.__file__).parent.parent),
+    }
+
+
 def markdown(result: dict[str, Any]) -> str:
     mb = 1 << 20
 
@@ -313,6 +327,7 @@ def markdown(result: dict[str, Any]) -> str:
         "# make bench: real 135M model (SmolLM2-135M, MobileLLM-125M's shape), 4 bits",
         "",
         f"CPU: {result['cpu']}",
+        f"Kernels: {result.get('kernels', '-')}",
         f"{THREADS} threads, {PROMPT}-token prompt, {DECODE} greedy tokens; medians of {result['repeats']} "
         f"round-robin runs (each a fresh process). fp32 perplexity {real['fp32_ppl']:.3f} (2 x 512 held-out tokens).",
         "",
@@ -366,6 +381,12 @@ def main() -> None:
     ap.add_argument(
         "--sharing-only", action="store_true", help="only the LS rows, beside OUTPUT/bench.json's real rows"
     )
+    ap.add_argument(
+        "--emulate-cpu",
+        metavar="PROFILE",
+        help="time every runtime with an older CPU's kernels (avx2, avx512-no-vnni; see bench/cpu_profiles.py); "
+        "writes OUTPUT/bench-PROFILE.{md,json,png}",
+    )
     # fresh-process halves
     ap.add_argument("--llamacpp", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
@@ -373,26 +394,35 @@ def main() -> None:
     if args.llamacpp:
         print(json.dumps(llamacpp_speed(args.llamacpp, args.vocab, THREADS, PROMPT, DECODE)))
         return
+    from bench import cpu_profiles
+
+    if args.emulate_cpu and cpu_profiles.active_profile() != args.emulate_cpu:
+        # this whole bench again, under the profile (in-process perplexity runs and every timed child)
+        cpu_profiles.check_supported(args.emulate_cpu)
+        env = cpu_profiles.emulation_env(args.emulate_cpu, [cpu_profiles.llama_cpp_for(args.emulate_cpu), REPO])
+        os.execve(sys.executable, [sys.executable, "-m", "bench.real_speed", *sys.argv[1:]], env)
     from bench.real import cpu_features
 
+    stem = f"bench-{args.emulate_cpu}" if args.emulate_cpu else "bench"
     args.output.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"cpu": cpu_features(), "repeats": args.repeats}
-    print(f"CPU: {result['cpu']}", flush=True)
+    result: dict[str, Any] = {"cpu": cpu_features(), "repeats": args.repeats, "kernels": kernel_report()}
+    print(f"CPU: {result['cpu']}\nkernels: {result['kernels']}", flush=True)
     if args.sharing_only:  # the real-model rows of an earlier run
-        result = json.loads((args.output / "bench.json").read_text())
+        result = json.loads((args.output / f"{stem}.json").read_text())
     else:
         result["real"] = real_model_rows(args)
-        (args.output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.output / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_ls:
         result["sharing"] = sharing_rows(args)
-    (args.output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.output / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     chart_rows = [
         {"preset": "135M", **r} for r in result["real"]["rows"].values() if r.get("decode_tokens_per_s") is not None
     ]
     from bench.speed import write_bench_chart
 
-    write_bench_chart(chart_rows, args.output, f"CPU: {result['cpu']}; {THREADS} threads, {PROMPT}+{DECODE} tokens")
-    (args.output / "bench.md").write_text(markdown(result))
+    caption = f"CPU: {result['cpu']}; {THREADS} threads, {PROMPT}+{DECODE} tokens"
+    write_bench_chart(chart_rows, args.output, caption, stem)
+    (args.output / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 

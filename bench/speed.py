@@ -222,7 +222,7 @@ def run_suite(
     return result
 
 
-BENCH_CHART, BENCH_CHART_DATA = "bench.png", "bench_chart.json"
+BENCH_CHART = "bench.png"
 BENCH_CHART_ALT = "prefill and decode tokens/s and size per runtime, ours beside eager PyTorch and the peers"
 
 
@@ -233,16 +233,16 @@ def bench_caption(result: dict[str, Any]) -> str:
     )
 
 
-def write_bench_chart(rows: list[dict[str, Any]], output: Path, caption: str) -> list[Path]:
-    """bench.png (validation/plots.py, deterministic) and the data it shows, bench_chart.json: the rows'
+def write_bench_chart(rows: list[dict[str, Any]], output: Path, caption: str, stem: str = "bench") -> list[Path]:
+    """STEM.png (validation/plots.py, deterministic) and the data it shows, STEM_chart.json: the rows'
     runtime, tokens/s and size as they are, and the caption naming the CPU and its SIMD features."""
     # Imported here: the fresh measuring processes (`--one`, `--eager`) never load matplotlib.
     from mobilellm.validation.plots import bench_chart_data, bench_png, plot_json
 
     data = bench_chart_data(rows, caption)
     return [
-        write_atomic(output / BENCH_CHART, bench_png(data)),
-        write_atomic(output / BENCH_CHART_DATA, plot_json(data)),
+        write_atomic(output / f"{stem}.png", bench_png(data)),
+        write_atomic(output / f"{stem}_chart.json", plot_json(data)),
     ]
 
 
