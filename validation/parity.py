@@ -244,7 +244,9 @@ def compute_golden(runtimes: dict[str, TargetRuntime], all_tokens: np.ndarray, m
 # and >= 0.084 against the twin. At 4 bits that flip noise alone moves 288 positions' perplexity by a
 # few percent and flips a few decisive top-1s: ExecuTorch with --group-size 64 measured KL 0.017 against
 # its twin (as the default's), perplexity +4.8% and decisive top-1 97.2% there, +0.9% on 1024 other
-# tokens; so KL carries the lowering check and the 4-bit twin perplexity / top-1 allow 5% / 96%. The lowering allowance (twin.*) does not depend on the weight bits. Greedy-generation match is reported but not gated: one near-tie flip (which the decisive
+# tokens. The per-position log-likelihood gap to the twin has a standard error of 1.2% over 288
+# positions, so KL carries the lowering check and the 4-bit twin perplexity allows 8% (three standard
+# errors above that good export), decisive top-1 96%. The lowering allowance (twin.*) does not depend on the weight bits. Greedy-generation match is reported but not gated: one near-tie flip (which the decisive
 # top-1 ignores) changes every later token, so a good 4-bit export matched its twin for 1 of 16 tokens.
 DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
     16: {
@@ -272,7 +274,7 @@ DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
         "twin.top1_decisive": 0.96,
         "twin.kl_divergence": 0.04,
         "twin.min_cosine": 0.95,
-        "twin.ppl_delta": 0.05,
+        "twin.ppl_delta": 0.08,
     },
 }
 # Metrics where smaller is better; every other metric must be at least its threshold.
