@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bench.llamacpp_peer import cmake_args
+from mobilellm.exporter import measure
 
 HERE = Path(__file__).resolve().parent
 SHIM_SOURCE = HERE / "cpuid_mask.c"
@@ -46,16 +47,10 @@ def active_profile() -> str | None:
     return os.environ.get(ENV_PROFILE) or None
 
 
-def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+def cpu_flags() -> list[str]:
     """This CPU's /proc/cpuinfo flags, minus the active profile's hidden ones ([] off Linux)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return []
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     hidden = PROFILES.get(active_profile() or "", frozenset())
-    return [f for f in flags if f not in hidden]
+    return [f for f in measure.cpu_flags() if f not in hidden]
 
 
 def check_supported(profile: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,28 +29,11 @@ EVAL_WINDOWS, EVAL_LENGTH = 2, 512
 
 
 def cpu_features() -> str:
+    """The CPU as the package's bench describes it, with an emulated profile's features hidden."""
     from bench.cpu_profiles import active_profile, cpu_flags
+    from mobilellm.exporter.measure import cpu_description
 
-    flags = " " + " ".join(cpu_flags())
-    wanted = (
-        "avx2",
-        "fma",
-        "f16c",
-        "avx512f",
-        "avx512bw",
-        "avx512_vnni",
-        "avx_vnni",
-        "avx512_bf16",
-        "amx_int8",
-        "asimd",
-        "asimddp",
-        "i8mm",
-        "sve",
-    )
-    present = [f for f in wanted if f" {f}" in flags]
-    described = (
-        f"{platform.machine()} {platform.processor() or ''} [{', '.join(present) or 'no SIMD flags read'}]".strip()
-    )
+    described = cpu_description(cpu_flags())
     if active_profile():
         described += f", emulated {active_profile()} CPU (CPUID masked on this machine: bench/cpu_profiles.py)"
     return described

@@ -311,12 +311,14 @@ def bench(
     threads: int = typer.Option(2, "--threads", help="CPU threads for the runtime."),
     prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Prefill length."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", help="Tokens decoded after the prefill."),
+    as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON instead."),
 ) -> None:
     """Load time, prefill/decode tokens/s, peak RSS and size of one bundle (run in a fresh process)."""
 
-    from .measure import bench_bundle_subprocess
+    from .measure import bench_bundle_subprocess, bench_summary
 
-    typer.echo(json.dumps(bench_bundle_subprocess(bundle, threads, prompt_tokens, decode_tokens), indent=2))
+    row = bench_bundle_subprocess(bundle, threads, prompt_tokens, decode_tokens)
+    typer.echo(json.dumps(row, indent=2) if as_json else bench_summary(row))
 
 
 @app.command()

@@ -71,6 +71,45 @@ def time_decode(runtime: TargetRuntime, prompt: np.ndarray, decode_tokens: int) 
     }
 
 
+# The SIMD features runtimes choose kernels by (x86: XNNPACK, MLAS, llama.cpp; ARM: dot product, i8mm).
+_SIMD_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_int8",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "sve",
+)
+
+
+def cpu_flags() -> list[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them ([] where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    # x86 lists "flags", ARM "Features"
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return line.split(":", 1)[1].split() if ":" in line else []
+
+
+def cpu_description(flags: Sequence[str] | None = None) -> str:
+    """Machine, core count and the SIMD features that decide kernels, e.g. 'x86_64, 2 cores [avx2, fma, ...]'."""
+    import platform
+
+    flags = cpu_flags() if flags is None else flags
+    present = [f for f in _SIMD_FLAGS if f in flags]
+    simd = ", ".join(present) if present else ("no /proc/cpuinfo" if not flags else "none of note")
+    return f"{platform.machine()}, {os.cpu_count()} cores [{simd}]"
+
+
 def bench_prompt(vocab: int, n: int) -> np.ndarray:
     """The fixed (seed 0) random prompt every measurement uses: `n` token ids in [3, vocab)."""
     return np.random.default_rng(0).integers(3, vocab, n).astype(np.int64)
@@ -128,8 +167,26 @@ def measure_bundle(bundle: Path, threads: int, prompt_tokens: int, decode_tokens
         "artifact_bytes": size,
         "prompt_tokens": len(prompt),
         "decode_tokens": decode_tokens,
+        "cpu": cpu_description(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         **runtime.details(),
     }
+
+
+def bench_summary(row: dict[str, Any]) -> str:
+    """What `mobilellm-export bench` prints: one bundle's figures, with the CPU they were measured on."""
+    mb = 1 << 20
+    return "\n".join(
+        [
+            f"{row['bundle']}: {row['target']}, {row['bits']}-bit, {row['artifact_bytes'] / mb:.1f} MB",
+            f"  CPU        {row['cpu']}, {row['threads']} threads",
+            f"  load       {row['load_s']:.2f} s",
+            f"  prefill    {row['prefill_tokens_per_s']:.0f} tokens/s ({row['prompt_tokens']} tokens)",
+            f"  decode     {row['decode_tokens_per_s']:.1f} tokens/s ({row['decode_tokens']} greedy tokens)",
+            f"  peak RSS   {row['peak_rss_bytes'] / mb:.0f} MB ({row['rss_over_baseline_bytes'] / mb:.0f} MB over "
+            "the Python process before loading)",
+        ]
+    )
 
 
 def bench_bundle_subprocess(

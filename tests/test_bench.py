@@ -4,6 +4,7 @@ Timings are not asserted (tests check correctness; `make bench` reports speed)."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bench.speed import run_suite
@@ -41,3 +42,19 @@ def test_bench_suite_rows(tmp_path: Path) -> None:
     assert coreml["export_s"] > 0
     report = (tmp_path / "bench.md").read_text()
     assert "| tiny | coreml | 4 |" in report and "Not timed: Core ML" in report
+
+    # What a user runs on a bundle: the figures in words, the CPU they were measured on; --json for scripts.
+    from typer.testing import CliRunner
+
+    from mobilellm.exporter.cli import app
+    from mobilellm.exporter.measure import cpu_description
+
+    shown = CliRunner().invoke(app, ["bench", str(bundle), "--decode-tokens", "4", "--prompt-tokens", "16"])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0].startswith("tiny-onnx-4bit: onnx, 4-bit, ")
+    assert lines[1].split(None, 1)[1] == f"{cpu_description()}, 2 threads"
+    assert [ln.split()[0] for ln in lines[2:]] == ["load", "prefill", "decode", "peak"]
+    as_json = CliRunner().invoke(app, ["bench", str(bundle), "--json", "--threads", "1", "--decode-tokens", "4"])
+    row = json.loads(as_json.output)
+    assert row["threads"] == 1 and row["decode_tokens"] == 4 and row["cpu"] == cpu_description()
