@@ -10,7 +10,9 @@
  *   avx512-no-vnni  Skylake-X class: AVX-512 F/CD/BW/DQ/VL; no VNNI (512 or VEX), BF16, VBMI, IFMA, AMX
  *
  * The setting is per thread, inherited by threads and fork()ed children, and reset by execve (where this
- * library is preloaded again). MOBILELLM_CPUID_COUNT=1 prints the number of trapped CPUIDs at exit. */
+ * library is preloaded again). A program that installs a SIGSEGV handler of its own after this one (a JVM,
+ * Python's faulthandler) takes the traps away from it: the bench runs neither. MOBILELLM_CPUID_COUNT=1
+ * prints the number of trapped CPUIDs at exit. */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <signal.h>
