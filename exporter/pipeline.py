@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -163,7 +163,7 @@ def run_export(options: ExportOptions) -> list[Path]:
     ckpt = load_checkpoint(options.checkpoint or DEFAULT_MODEL_DIR, options.config, options.tokenizer)
     if options.recipe is not None:
         options.recipe.check_matches(ckpt.config)
-    check_export_memory(ckpt.config)
+    check_export_memory(ckpt.config, options.targets)
     check_layer_selectors(ckpt.config, options.quant)
     if ckpt.tokenizer_path is None:
         raise UserError(
@@ -218,18 +218,22 @@ def _export_all(
 # The ExecuTorch lowering is single-threaded Python and the longest part of `--target all` (a 125M model:
 # ~2.5 min of ~4), so on 2+ cores it runs in this process while the other targets run in another.
 EXPORT_COST = {"executorch": 6.0, "coreml": 2.0, "onnx": 1.0}
-# Peak RSS of one export process: a base plus a multiple of the model's fp32 weight bytes, from two measured
-# exports (`/usr/bin/time -v`): the real 135M model (538 MB of fp32 weights, every target) peaked at 5.62 GB;
-# the 1.5B preset (6.04 GB, --target executorch) was killed by the OOM killer at 24.2 GB on a 24 GiB machine,
-# still collecting GPTQ's Hessians (the fp32 model, its export copy and the Hessians of 54 blocks).
-# The line through the first point and above the second: 1.5B needs more than a 24 GiB machine has.
-PROCESS_BASE_BYTES = 3.7e9
-PROCESS_BYTES_PER_WEIGHT_BYTE = 3.6
+# Peak RSS of one export process: a base plus a multiple of the model's fp32 weight bytes, from measured
+# exports (`/usr/bin/time -v`, random weights, one target per process, this session's code): ExecuTorch
+# 1B (4.02 GB of fp32 weights) 13.15 GB and 1.5B (6.04 GB) 18.6 GB, down from 19.6 GB and an OOM kill at
+# 24.2 GB once the Hessians were summed in place in float32, freed after the last quantization, and the
+# export model became the twin instead of being copied; Core ML 1.5B was killed by the OOM killer at
+# 22.5 GB in coremltools' conversion. The real 135M model, every target in one process: 5.6 GB (before the
+# savings). ExecuTorch's line runs above its two points; Core ML and ONNX (not measured at 1.5B) keep the
+# earlier, higher line, which refuses the 1.5B Core ML export that was killed.
+PROCESS_BASE_BYTES = 4.0e9
+PROCESS_BYTES_PER_WEIGHT_BYTE = {"executorch": 2.6, "coreml": 3.6, "onnx": 3.6}
 
 
-def export_process_peak_bytes(cfg: Any) -> int:
-    """The peak RSS one export process is expected to reach for this model."""
-    return int(PROCESS_BASE_BYTES + PROCESS_BYTES_PER_WEIGHT_BYTE * 4 * cfg.unique_params())
+def export_process_peak_bytes(cfg: Any, targets: Sequence[str] = ("coreml",)) -> int:
+    """The peak RSS one export process is expected to reach for this model and these targets."""
+    factor = max(PROCESS_BYTES_PER_WEIGHT_BYTE.get(t, max(PROCESS_BYTES_PER_WEIGHT_BYTE.values())) for t in targets)
+    return int(PROCESS_BASE_BYTES + factor * 4 * cfg.unique_params())
 
 
 def _meminfo(key: str) -> int | None:
@@ -255,13 +259,15 @@ def check_layer_selectors(cfg: Any, opts: TargetOptions) -> None:
         raise UserError(f"block {max(named)} picked for more bits, but the model has {cfg.n_layers} blocks; {fix}")
 
 
-def check_export_memory(cfg: Any) -> None:
+def check_export_memory(cfg: Any, targets: Sequence[str] = ("coreml",)) -> None:
     """Refuse up front an export this machine's RAM cannot hold, instead of meeting the OOM killer later."""
-    need, total = export_process_peak_bytes(cfg), _meminfo("MemTotal")
+    need, total = export_process_peak_bytes(cfg, targets), _meminfo("MemTotal")
     if total is not None and need > total:
+        alone = [t for t in targets if len(targets) > 1 and export_process_peak_bytes(cfg, [t]) <= total]
+        hint = f"; --target {alone[0]} alone fits" if alone else ""
         raise UserError(
-            f"exporting this model ({cfg.unique_params() / 1e9:.2f}B parameters) needs about {human(need)} of RAM "
-            f"and this machine has {human(total)}; export it on a machine with more memory"
+            f"exporting this model ({cfg.unique_params() / 1e9:.2f}B parameters) to {', '.join(targets)} needs about "
+            f"{human(need)} of RAM and this machine has {human(total)}{hint}; or use a machine with more memory"
         )
 
 
@@ -272,7 +278,7 @@ def export_jobs(requested: int | None, cfg: Any, n_targets: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = min(2, cores, n_targets)
     free = _meminfo("MemAvailable")
-    extra = export_process_peak_bytes(cfg) * (jobs - 1)
+    extra = export_process_peak_bytes(cfg) * (jobs - 1)  # the second process's targets are not known here
     return jobs if free is None or extra <= free / 2 else 1
 
 
@@ -356,9 +362,11 @@ def _export_targets(
     hessians: dict[str, torch.Tensor],
 ) -> list[tuple[Path, str | None]]:
     reference = ReferenceRuntime(ckpt.model)
-    return [
-        _export_target(options, module, ckpt, settings, thresholds, tokens, hessians, reference) for module in modules
-    ]
+    out = []
+    for i, module in enumerate(modules):
+        last = i == len(modules) - 1
+        out.append(_export_target(options, module, ckpt, settings, thresholds, tokens, hessians, reference, last))
+    return out
 
 
 def _export_target(
@@ -370,8 +378,10 @@ def _export_target(
     tokens: Any,
     hessians: dict[str, torch.Tensor],
     reference: ReferenceRuntime,
+    last: bool = True,
 ) -> tuple[Path, str | None]:
-    """Export, bundle and check one target; the bundle path and, when parity failed, why."""
+    """Export, bundle and check one target; the bundle path and, when parity failed, why. The last
+    target of a process frees the Hessians once it has quantized (a quarter of the 1B preset's peak)."""
     opts = options.quant
     name = bundle_name(options, ckpt, module.NAME)
     final = options.output / name
@@ -380,6 +390,8 @@ def _export_target(
     with staging(final) as tmp:
         model = ExportModel.from_reference(ckpt.model, settings)
         quantized = quantize(model, module.quant_scheme(opts), hessians, opts.method.act_order, module.NAME)
+        if last:
+            hessians.clear()
         artifact = module.export(model, quantized, ckpt, opts, tmp)
         export_seconds = time.time() - t0
         # Timings differ run to run: logged, kept out of the manifest so bundles are reproducible.
@@ -397,7 +409,7 @@ def _export_target(
             )[0]
         parity_summary = None
         if options.parity:
-            twin = fake_quantized_twin(model, quantized)
+            twin = fake_quantized_twin(model, quantized, in_place=True)  # the export model is done with
             with stage(f"[{module.NAME}] reference and twin outputs"):
                 golden = compute_golden({"reference": reference, "twin": TorchRuntime(twin)}, tokens, opts.max_seq_len)
             golden.save(tmp / GOLDEN_FILE)

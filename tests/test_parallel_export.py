@@ -65,3 +65,19 @@ def test_an_export_larger_than_the_machines_ram_is_refused_up_front():
     with pytest.raises(UserError, match=r"needs about .* of RAM and this machine has"):
         check_export_memory(Huge())
     check_export_memory(tiny_config())  # a tiny model fits anywhere
+
+
+def test_the_memory_check_knows_which_targets_need_more() -> None:
+    from mobilellm.exporter.pipeline import PROCESS_BASE_BYTES, PROCESS_BYTES_PER_WEIGHT_BYTE, _meminfo
+
+    total = _meminfo("MemTotal")
+    assert total is not None  # Linux
+
+    class Between:  # fits ExecuTorch's measured line, not Core ML's
+        def unique_params(self) -> int:
+            factor = (PROCESS_BYTES_PER_WEIGHT_BYTE["executorch"] + PROCESS_BYTES_PER_WEIGHT_BYTE["coreml"]) / 2
+            return int((total - PROCESS_BASE_BYTES) / (4 * factor))
+
+    check_export_memory(Between(), ["executorch"])
+    with pytest.raises(UserError, match=r"to executorch, coreml, onnx needs about .* --target executorch alone fits"):
+        check_export_memory(Between(), ["executorch", "coreml", "onnx"])
