@@ -222,8 +222,8 @@ EXPORT_COST = {"executorch": 6.0, "coreml": 2.0, "onnx": 1.0}
 # exports (`/usr/bin/time -v`, random weights, one target per process, this session's code): ExecuTorch
 # 1B (4.02 GB of fp32 weights) 13.15 GB and 1.5B (6.04 GB) 18.6 GB, down from 19.6 GB and an OOM kill at
 # 24.2 GB once the Hessians were summed in place in float32, freed after the last quantization, and the
-# export model became the twin instead of being copied; Core ML 1.5B was killed by the OOM killer at
-# 22.5 GB in coremltools' conversion. The real 135M model, every target in one process: 5.6 GB (before the
+# export model became the twin instead of being copied; Core ML 1.5B was killed by the OOM killer after
+# reaching 22.5 GB in coremltools' conversion. The real 135M model, every target in one process: 5.6 GB (before the
 # savings). ExecuTorch's line runs above its two points; Core ML and ONNX (not measured at 1.5B) keep the
 # earlier, higher line, which refuses the 1.5B Core ML export that was killed.
 PROCESS_BASE_BYTES = 4.0e9
