@@ -80,7 +80,7 @@ def llama_cpp_for(profile: str) -> Path:
     """llama-cpp-python compiled for the profile's SIMD features only, installed (once) into its own folder:
     put it first on PYTHONPATH. llama.cpp's CPU kernels are fixed at compile time, CPUID does not move them."""
     flags = [f for f in cpu_flags() if f not in PROFILES[profile]]
-    args = cmake_args(f"flags\t: {' '.join(flags)}", force=True)
+    args = cmake_args(flags, force=True)
     target = CACHE / f"llama-cpp-python-{profile}-{hashlib.sha256(args.encode()).hexdigest()[:12]}"
     if not (target / "llama_cpp").is_dir():
         print(f"building llama-cpp-python for {profile} ({args}) ...", flush=True)

@@ -7,7 +7,7 @@
  * So the bench times the kernels an older CPU would run, on this machine's cores and memory.
  *
  *   avx2            Haswell..Zen 2 class: AVX2 + FMA + F16C; no AVX-512, no VNNI of any kind, no AMX
- *   avx512-no-vnni  Skylake-X class: AVX-512 F/CD/BW/DQ/VL; no VNNI (512 or VEX), BF16, VBMI, IFMA, AMX
+ *   avx512-no-vnni  Skylake-SP/X class: AVX-512 F/CD/BW/DQ/VL; no VNNI (512 or VEX), BF16, VBMI, IFMA, AMX
  *
  * The setting is per thread, inherited by threads and fork()ed children, and reset by execve (where this
  * library is preloaded again). A program that installs a SIGSEGV handler of its own after this one (a JVM,

@@ -27,7 +27,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -372,19 +372,17 @@ def heldout_windows(tokenizer_json: Path, text: str, ctx: int, n_windows: int, b
     return [head + ids[k * step : (k + 1) * step] for k in range(n_windows)]
 
 
-def cmake_args(cpuinfo: str | None = None, force: bool = False) -> str:
-    """CMAKE_ARGS building llama.cpp for this x86 CPU's SIMD features (or `cpuinfo`'s flags), AMX excluded.
+def cmake_args(flags: Sequence[str] | None = None, force: bool = False) -> str:
+    """CMAKE_ARGS building llama.cpp for this x86 CPU's SIMD features (or these /proc/cpuinfo `flags`), AMX excluded.
 
     llama-cpp-python 0.3.36 built with GGML_NATIVE (-march=native) segfaults in its first decode of a
     Q4_0 or Q4_K_M model on a CPU with AMX (its AMX weight buffers; seen on an AVX-512 VNNI + AMX Xeon);
     without AMX the AVX-512 / AVX2 repacked kernels run. Elsewhere (ARM, macOS; x86 without AMX unless
     `force`, as for an emulated CPU's flags) the native build is kept."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return ""
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    if flags is None:
+        from mobilellm.exporter.measure import cpu_flags
+
+        flags = cpu_flags()
     if "amx_int8" not in flags and not force:
         return ""
     features = {

@@ -219,7 +219,7 @@ def _export_all(
 # ~2.5 min of ~4), so on 2+ cores it runs in this process while the other targets run in another.
 EXPORT_COST = {"executorch": 6.0, "coreml": 2.0, "onnx": 1.0}
 # Peak RSS of one export process: a base plus a multiple of the model's fp32 weight bytes, from measured
-# exports (`/usr/bin/time -v`, random weights, one target per process, this session's code): ExecuTorch
+# exports (`/usr/bin/time -v`, random weights, one target per process): ExecuTorch
 # 1B (4.02 GB of fp32 weights) 13.15 GB and 1.5B (6.04 GB) 18.6 GB, down from 19.6 GB and an OOM kill at
 # 24.2 GB once the Hessians were summed in place in float32, freed after the last quantization, and the
 # export model became the twin instead of being copied; Core ML 1.5B was killed by the OOM killer after
@@ -230,9 +230,9 @@ PROCESS_BASE_BYTES = 4.0e9
 PROCESS_BYTES_PER_WEIGHT_BYTE = {"executorch": 2.6, "coreml": 3.6, "onnx": 3.6}
 
 
-def export_process_peak_bytes(cfg: Any, targets: Sequence[str] = ("coreml",)) -> int:
-    """The peak RSS one export process is expected to reach for this model and these targets."""
-    factor = max(PROCESS_BYTES_PER_WEIGHT_BYTE.get(t, max(PROCESS_BYTES_PER_WEIGHT_BYTE.values())) for t in targets)
+def export_process_peak_bytes(cfg: Any, targets: Sequence[str] = tuple(PROCESS_BYTES_PER_WEIGHT_BYTE)) -> int:
+    """The peak RSS one export process is expected to reach for this model and these targets (default: any)."""
+    factor = max(PROCESS_BYTES_PER_WEIGHT_BYTE[t] for t in targets)
     return int(PROCESS_BASE_BYTES + factor * 4 * cfg.unique_params())
 
 
@@ -259,7 +259,7 @@ def check_layer_selectors(cfg: Any, opts: TargetOptions) -> None:
         raise UserError(f"block {max(named)} picked for more bits, but the model has {cfg.n_layers} blocks; {fix}")
 
 
-def check_export_memory(cfg: Any, targets: Sequence[str] = ("coreml",)) -> None:
+def check_export_memory(cfg: Any, targets: Sequence[str] = tuple(PROCESS_BYTES_PER_WEIGHT_BYTE)) -> None:
     """Refuse up front an export this machine's RAM cannot hold, instead of meeting the OOM killer later."""
     need, total = export_process_peak_bytes(cfg, targets), _meminfo("MemTotal")
     if total is not None and need > total:
@@ -362,11 +362,10 @@ def _export_targets(
     hessians: dict[str, torch.Tensor],
 ) -> list[tuple[Path, str | None]]:
     reference = ReferenceRuntime(ckpt.model)
-    out = []
-    for i, module in enumerate(modules):
-        last = i == len(modules) - 1
-        out.append(_export_target(options, module, ckpt, settings, thresholds, tokens, hessians, reference, last))
-    return out
+    return [
+        _export_target(options, m, ckpt, settings, thresholds, tokens, hessians, reference, last=m is modules[-1])
+        for m in modules
+    ]
 
 
 def _export_target(

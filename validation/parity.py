@@ -246,7 +246,7 @@ def compute_golden(runtimes: dict[str, TargetRuntime], all_tokens: np.ndarray, m
 # its twin (as the default's), perplexity +4.8% and decisive top-1 97.2% there, +0.9% on 1024 other
 # tokens. The per-position log-likelihood gap to the twin has a standard error of 1.2% over 288
 # positions, so KL carries the lowering check and the 4-bit twin perplexity allows 8% (three standard
-# errors above that good export), decisive top-1 96%. The lowering allowance (twin.*) does not depend on the weight bits. Greedy-generation match is reported but not gated: one near-tie flip (which the decisive
+# errors above that good export), decisive top-1 96%. Greedy-generation match is reported but not gated: one near-tie flip (which the decisive
 # top-1 ignores) changes every later token, so a good 4-bit export matched its twin for 1 of 16 tokens.
 DEFAULT_THRESHOLDS: dict[int, dict[str, float]] = {
     16: {
