@@ -7,6 +7,7 @@ llama.cpp picks its kernels when it is compiled, so it gets its own build with o
 features. Cores, caches, memory and clock stay this machine's: the emulation answers "which kernels,
 and how fast are they here", not "how fast is that CPU". glibc picks its string functions before the
 shim loads (they keep this CPU's); the rest of the process sees the profile.
+`python -m bench.cpu_profiles avx2 COMMAND...` runs any one command that way.
 
     PROFILES: name -> the /proc/cpuinfo flags it removes
 """
@@ -47,17 +48,11 @@ def active_profile() -> str | None:
     return os.environ.get(ENV_PROFILE) or None
 
 
-def cpu_flags() -> list[str]:
-    """This CPU's /proc/cpuinfo flags, minus the active profile's hidden ones ([] off Linux)."""
-    hidden = PROFILES.get(active_profile() or "", frozenset())
-    return [f for f in measure.cpu_flags() if f not in hidden]
-
-
 def check_supported(profile: str) -> None:
     """Raise SystemExit with one line when this machine cannot emulate `profile`."""
     if profile not in PROFILES:
         raise SystemExit(f"unknown CPU profile {profile!r}; choose one of: {', '.join(PROFILES)}")
-    flags = cpu_flags()
+    flags = measure.cpu_flags()
     if "cpuid_fault" not in flags:
         raise SystemExit("this CPU or kernel has no CPUID faulting (no cpuid_fault in /proc/cpuinfo): cannot emulate")
     if "avx2" not in flags:
@@ -79,7 +74,7 @@ def build_shim(cache: Path = CACHE) -> Path:
 def llama_cpp_for(profile: str) -> Path:
     """llama-cpp-python compiled for the profile's SIMD features only, installed (once) into its own folder:
     put it first on PYTHONPATH. llama.cpp's CPU kernels are fixed at compile time, CPUID does not move them."""
-    flags = [f for f in cpu_flags() if f not in PROFILES[profile]]
+    flags = [f for f in measure.cpu_flags() if f not in PROFILES[profile]]
     args = cmake_args(flags, force=True)
     target = CACHE / f"llama-cpp-python-{profile}-{hashlib.sha256(args.encode()).hexdigest()[:12]}"
     if not (target / "llama_cpp").is_dir():
@@ -99,5 +94,24 @@ def emulation_env(profile: str, pythonpath: Sequence[Path] = (), shim: Path | No
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(filter(None, [str(shim or build_shim()), env.get("LD_PRELOAD")]))
     env[ENV_PROFILE] = profile
+    env[measure.HIDDEN_CPU_FLAGS_ENV] = ",".join(sorted(PROFILES[profile]))
     env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m bench.cpu_profiles PROFILE COMMAND...`: run one command with the profile's kernels,
+    e.g. `python -m bench.cpu_profiles avx2 mobilellm-export bench dist/model-executorch-4bit`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2:
+        raise SystemExit(f"usage: python -m bench.cpu_profiles {{{','.join(PROFILES)}}} COMMAND [ARGS...]")
+    profile, command = args[0], args[1:]
+    check_supported(profile)
+    try:
+        os.execvpe(command[0], command, emulation_env(profile))
+    except OSError as e:
+        raise SystemExit(f"cannot run {command[0]!r}: {e.strerror}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -30,10 +30,10 @@ EVAL_WINDOWS, EVAL_LENGTH = 2, 512
 
 def cpu_features() -> str:
     """The CPU as the package's bench describes it, with an emulated profile's features hidden."""
-    from bench.cpu_profiles import active_profile, cpu_flags
+    from bench.cpu_profiles import active_profile
     from mobilellm.exporter.measure import cpu_description
 
-    described = cpu_description(cpu_flags())
+    described = cpu_description()
     if active_profile():
         described += f", emulated {active_profile()} CPU (CPUID masked on this machine: bench/cpu_profiles.py)"
     return described

@@ -89,15 +89,22 @@ _SIMD_FLAGS = (
 )
 
 
+# Flags a CPUID mask hides from this process (the bench's emulated older CPUs, bench/cpu_profiles.py):
+# every runtime then picks kernels without them, but /proc/cpuinfo still lists them.
+HIDDEN_CPU_FLAGS_ENV = "MOBILELLM_HIDDEN_CPU_FLAGS"
+
+
 def cpu_flags() -> list[str]:
-    """This CPU's feature flags as /proc/cpuinfo lists them ([] where there is none, e.g. macOS)."""
+    """This CPU's feature flags as /proc/cpuinfo lists them, minus any a CPUID mask hides from this
+    process ([] where there is no /proc/cpuinfo, e.g. macOS)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
     # x86 lists "flags", ARM "Features"
     line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return line.split(":", 1)[1].split() if ":" in line else []
+    hidden = set(filter(None, os.environ.get(HIDDEN_CPU_FLAGS_ENV, "").split(",")))
+    return [f for f in line.split(":", 1)[1].split() if f not in hidden] if ":" in line else []
 
 
 def cpu_description(flags: Sequence[str] | None = None) -> str:

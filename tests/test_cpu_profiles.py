@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.cpu_profiles import PROFILES, build_shim, cpu_flags, emulation_env
+from bench.cpu_profiles import PROFILES, build_shim, emulation_env
 from bench.llamacpp_peer import cmake_args
+from mobilellm.exporter.measure import cpu_flags
 
 if "cpuid_fault" not in cpu_flags() or "avx512f" not in cpu_flags():
     pytest.skip("needs an x86 CPU with CPUID faulting and AVX-512 to hide", allow_module_level=True)
@@ -42,6 +43,20 @@ def test_profiles_hide_exactly_their_features(tmp_path: Path) -> None:
     }
     no_vnni = {"torch": "AVX512", **base, "AVX512F": True, "AVX512_SKX": True, "AVX512VNNI": False}
     assert _seen(tmp_path, "avx512-no-vnni") == no_vnni
+
+
+def test_the_runner_and_the_cli_report_the_emulated_cpu(tmp_path: Path) -> None:
+    # The CPU line `mobilellm-export bench` prints comes from /proc/cpuinfo, which the mask cannot
+    # change: the emulation tells it which flags are hidden.
+    probe = "from mobilellm.exporter.measure import cpu_description; print(cpu_description())"
+    run = [sys.executable, "-m", "bench.cpu_profiles", "avx2", sys.executable, "-c", probe]
+    shown = subprocess.run(run, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
+    assert "avx2, fma" in shown and "avx512" not in shown and "vnni" not in shown and "amx" not in shown
+    assert "avx512f" in subprocess.run(run[-3:], capture_output=True, text=True, check=True).stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.cpu_profiles", "avx9", "true"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "unknown CPU profile 'avx9'; choose one of: avx2, avx512-no-vnni"
+    ]
 
 
 def test_a_real_segfault_still_kills_and_a_bad_profile_is_refused(tmp_path: Path) -> None:
