@@ -288,8 +288,8 @@ def test_fast_lowering_writes_the_stock_lowerings_bytes(bits, sharing, custom_op
     model = ExportModel.from_reference(random_model(cfg), ExportSettings(max_seq_len=opts.max_seq_len))
     quantized = quantize_model(model, et.quant_scheme(opts))
     meta = {"get_max_seq_len": opts.max_seq_len}
-    copiers = []
-    fast_partitioning = et.fast_partitioning
+    copiers, passes_ran = [], []
+    fast_partitioning, skip_passes = et.fast_partitioning, et.skip_inapplicable_xnnpack_passes
 
     @contextlib.contextmanager
     def recording() -> Iterator[Any]:
@@ -297,7 +297,14 @@ def test_fast_lowering_writes_the_stock_lowerings_bytes(bits, sharing, custom_op
             copiers.append(copier)
             yield copier
 
+    @contextlib.contextmanager
+    def recording_passes() -> Iterator[Any]:
+        with skip_passes() as ran:
+            passes_ran.append(ran)
+            yield ran
+
     monkeypatch.setattr(et, "fast_partitioning", recording)
+    monkeypatch.setattr(et, "skip_inapplicable_xnnpack_passes", recording_passes)
     fast, _ = et.lower_to_pte(model, quantized, meta, custom_ops, fast_lowering=True)
     stock, _ = et.lower_to_pte(model, quantized, meta, custom_ops, fast_lowering=False)
     assert len(fast) == len(stock)
@@ -305,6 +312,8 @@ def test_fast_lowering_writes_the_stock_lowerings_bytes(bits, sharing, custom_op
     # the shortcut ran: the shared block's weights and scales feed two partitions (12 copies in 4)
     assert len(copiers) == 1
     assert (copiers[0].made > 0) == (sharing != "none"), copiers[0].made
+    # every partition's passes were skipped but the one that rewrites what a MobileLLM graph holds
+    assert len(passes_ran) == 1 and set(passes_ran[0]) == {"XNNPACKRemoveCloneOpsTransform"}, passes_ran
 
 
 def test_the_runtime_sizes_executorchs_pool_like_torchs(q4):

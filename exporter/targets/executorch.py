@@ -287,16 +287,22 @@ def _pattern_targets(patterns: Any) -> list[set[Any]]:
 
 
 @contextlib.contextmanager
-def skip_inapplicable_xnnpack_passes() -> Iterator[None]:
+def skip_inapplicable_xnnpack_passes() -> Iterator[collections.Counter[str]]:
     """XNNPACK's preprocess runs 17 graph passes on every partition, each re-tracing the partition
-    (~60 ms a pass at 125M widths, 90-180 partitions). Nine rewrite only ops a MobileLLM graph does
-    not have (batch norm, convolution, prelu, padding, relu/hardtanh, the upsample and SDPA patterns,
-    dtype copies); here each is skipped on a partition that holds none of its ops (checked before
-    each pass, on the graph the previous passes left). The .pte is byte-identical to the stock
-    lowering's (tests/test_executorch.py); yields counts of passes run and skipped."""
+    (~25-60 ms a pass at 125M widths, 150-300 partitions). Sixteen rewrite only ops or patterns a
+    MobileLLM graph does not have (batch norm, convolution, pooling, prelu, padding, relu/hardtanh, the
+    upsample and SDPA patterns, dtype and dim-order copies, mm/addmm/bmm, concatenations of more than
+    five, custom meta to propagate, channels-last tensors, ops on constants alone); here each is skipped on a partition that
+    holds none of what it rewrites (checked before each pass, on the graph the previous passes left).
+    The .pte is byte-identical to the stock lowering's (tests/test_target_executorch.py). Yields how
+    many partitions each pass ran on."""
     from executorch.backends.xnnpack import _passes as xp
     from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_quant
     from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.dialects.edge._ops import EdgeOpOverload
+    from executorch.exir.passes.const_prop_pass import ConstPropPass
+    from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsMap
     from executorch.exir.program._program import _transform
 
     aten = exir_ops.edge.aten
@@ -311,6 +317,27 @@ def skip_inapplicable_xnnpack_passes() -> Iterator[None]:
         xp.Conv1dUnsqueezePass: {aten.convolution.default},
         xp.PReLUReshapePass: {aten._prelu_kernel.default},
         xp.RemoveRedundantCopyPass: {aten._to_copy.default},
+        xp.ConvertToLinearPass: set(xp.ConvertToLinearPass.targets),
+        xp.DimOrderOpsRevertPass: {op for op in MemoryFormatOpsMap if isinstance(op, EdgeOpOverload)},
+        xp.RemoveGetItemPass: {aten.max_pool2d_with_indices.default, aten.max.dim},
+    }
+    channels_last = xp.ChannelsLastTaggedReshapePass
+
+    def nhwc_tensor(node: Any) -> bool:
+        val = node.meta.get("val")
+        return isinstance(val, torch.Tensor) and val.dim() == 4 and channels_last._is_nhwc_tensor(val)
+
+    # Passes whose trigger is more than an op: what each one's `call` looks for.
+    when: dict[type, Callable[[Any], bool]] = {
+        xp.DecomposeConcatenate: lambda n: n.target == aten.cat.default and len(n.args[0]) > 5,
+        xp.PropagateCustomMetaPass: lambda n: (
+            (is_quant(n) or is_dequant(n)) and isinstance(n.args[0], torch.fx.Node) and "custom" in n.args[0].meta
+        ),
+        # it converts layouts around the ops that need NHWC, and for channels-last tensors only
+        channels_last: lambda n: n.target in channels_last.memory_sensitive_ops_nhwc or nhwc_tensor(n),
+        # it folds ops whose inputs are all real tensors: in a partition those are get_attr constants
+        # (lifted weights arrive as placeholders, traced as fake tensors)
+        ConstPropPass: lambda n: n.op == "call_function" and all(a.op == "get_attr" for a in n.all_input_nodes),
     }
     all_of: dict[type, list[set[Any]]] = {
         xp.ConvertToUpsampleBilinear2d: _pattern_targets(bilinear_2d.get_graphs_dict()),
@@ -318,6 +345,8 @@ def skip_inapplicable_xnnpack_passes() -> Iterator[None]:
     }
 
     def applies(pass_: type, ep: Any) -> bool:
+        if pass_ in when:
+            return any(when[pass_](n) for n in ep.graph.nodes)
         if pass_ not in any_of and pass_ not in all_of:
             return True
         present = {n.target for n in ep.graph.nodes if n.op == "call_function"}
@@ -325,17 +354,20 @@ def skip_inapplicable_xnnpack_passes() -> Iterator[None]:
             return bool(any_of[pass_] & present)
         return any(targets <= present for targets in all_of[pass_])
 
+    ran: collections.Counter[str] = collections.Counter()
+
     def transform(self: Any) -> Any:  # XNNPACKPassManager.transform, minus inapplicable passes
         ep = self.exported_program
         for pass_ in self.passes:
             if applies(pass_, ep):
+                ran[pass_.__name__] += 1
                 ep = _transform(ep, pass_(ep) if issubclass(pass_, xp.XNNPACKPass) else pass_())
         return ep
 
     original = xp.XNNPACKPassManager.transform
     xp.XNNPACKPassManager.transform = transform
     try:
-        yield
+        yield ran
     finally:
         xp.XNNPACKPassManager.transform = original
 
