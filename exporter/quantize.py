@@ -169,23 +169,50 @@ def _params_for(g: Tensor, wq: WeightQuant, col_weight: Tensor | None) -> tuple[
         # negative) or amax -> qmax. Then clipped by the grid's ratios.
         first = extreme / qmin if wq.negative_scales else amax / -qmin
         candidates = [(_store(base * r, wq), None) for r in _MSE_GRID.tolist() for base in (first, amax / qmax)]
-    best = None
-    for scale, zero in candidates:
-        err = _error(g, _codes(g, scale, zero, qmin, qmax), scale, zero, col_weight)
-        if best is None:
-            best = (err, scale, zero)
-        else:
-            better = err < best[0]
-            best = (
-                torch.where(better, err, best[0]),
-                torch.where(better, scale, best[1]),
-                None if zero is None else torch.where(better, zero, best[2]),
-            )  # type: ignore[arg-type]
-    err, scale, zero = best  # type: ignore[misc]
+    err, scale, zero = _best_candidate(g, candidates, qmin, qmax, col_weight)
     # A least-squares step on the winner's codes, kept where it lowers the error.
     fitted, _ = _refine(g, scale, zero, wq, col_weight)
     fitted_err = _error(g, _codes(g, fitted, zero, qmin, qmax), fitted, zero, col_weight)
     return torch.where(fitted_err < err, fitted, scale), zero
+
+
+# Large weights are scored a slice of rows at a time, every candidate on one slice before the next:
+# each slice's intermediates stay in cache (the 49152x576 table: 8.5 -> 5 s), and a slice is a whole
+# number of rows, so the result is the one of scoring all rows at once.
+_SLICE_ELEMENTS = 1 << 16
+
+
+def _best_candidate(
+    g: Tensor, candidates: list[tuple[Tensor, Tensor | None]], qmin: int, qmax: int, col_weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The error, scale and zero point of the candidate with the least error per group (the first one
+    on ties). `g` [rows, groups, group]; each candidate's scale and zero point [rows, groups, 1]."""
+    step = max(1, _SLICE_ELEMENTS // max(1, g[0].numel()))
+    out: list[tuple[Tensor, Tensor, Tensor | None]] = []
+    for r0 in range(0, g.shape[0], step):
+        rows = slice(r0, r0 + step)
+        part = g[rows]
+        best: tuple[Tensor, Tensor, Tensor | None] | None = None
+        for scale, zero in candidates:
+            scale, zero = scale[rows], None if zero is None else zero[rows]
+            err = _error(part, _codes(part, scale, zero, qmin, qmax), scale, zero, col_weight)
+            if best is None:
+                best = (err, scale, zero)
+            else:
+                better = err < best[0]
+                best = (
+                    torch.where(better, err, best[0]),
+                    torch.where(better, scale, best[1]),
+                    None if zero is None else torch.where(better, zero, best[2]),  # type: ignore[arg-type]
+                )
+        out.append(best)  # type: ignore[arg-type]
+    if len(out) == 1:
+        return out[0]
+    return (
+        torch.cat([e for e, _, _ in out]),
+        torch.cat([sc for _, sc, _ in out]),
+        None if out[0][2] is None else torch.cat([zp for _, _, zp in out]),  # type: ignore[misc]
+    )
 
 
 def _refine(

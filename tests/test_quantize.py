@@ -47,6 +47,22 @@ def test_codes_fit_the_format(bits: int, scale_dtype: torch.dtype, zero_points: 
     torch.testing.assert_close(deq, (g * qw.scales.unsqueeze(-1)).reshape(64, 128), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_scoring_a_slice_of_rows_at_a_time_chooses_what_scoring_all_at_once_does(
+    zero_points: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mobilellm.exporter import quantize
+
+    wq = WeightQuant(4, 32, "mse", scale_dtype=torch.bfloat16, zero_points=zero_points)
+    w = _weights(256, 256)
+    whole = wq.quantize(w)
+    monkeypatch.setattr(quantize, "_SLICE_ELEMENTS", 3 * 256)  # 3 rows a slice: 86 slices, the last one short
+    sliced = wq.quantize(w)
+    assert torch.equal(sliced.codes, whole.codes) and torch.equal(sliced.scales, whole.scales)
+    assert (sliced.zeros is None) == (not zero_points)
+    assert sliced.zeros is None or torch.equal(sliced.zeros, whole.zeros)
+
+
 def test_searched_clipping_and_zero_points_lower_the_error() -> None:
     w = _weights(256, 256)
 
