@@ -129,15 +129,16 @@ def _codes(
 ) -> Tensor:
     x = g * (1.0 / scale) if torchao_rounding else g / scale
     if zero is not None:
-        x = x + zero
-    return torch.clamp(torch.round(x), qmin, qmax)
+        x += zero
+    return x.round_().clamp_(qmin, qmax)
 
 
 def _error(g: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, col_weight: Tensor | None) -> Tensor:
+    # in place on temporaries: the clipping search calls this 22 times per group of every layer
     deq = (q - zero if zero is not None else q) * scale
-    err = (g - deq) ** 2
+    err = torch.sub(g, deq, out=deq).pow_(2)
     if col_weight is not None:
-        err = err * col_weight
+        err.mul_(col_weight)
     return err.sum(-1, keepdim=True)
 
 
