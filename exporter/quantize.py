@@ -178,8 +178,8 @@ def _params_for(g: Tensor, wq: WeightQuant, col_weight: Tensor | None) -> tuple[
 
 
 # Large weights are scored a slice of rows at a time, every candidate on one slice before the next:
-# each slice's intermediates stay in cache (the 49152x576 table: 8.5 -> 5 s), and a slice is a whole
-# number of rows, so the result is the one of scoring all rows at once.
+# each slice's intermediates stay in cache (the 49152x576 table: 8.5 -> 2.2 s; 1.5 s with `_error`
+# in place), and a slice is a whole number of rows, so the result is the one of scoring all rows at once.
 _SLICE_ELEMENTS = 1 << 16
 
 

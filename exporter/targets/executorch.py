@@ -290,12 +290,12 @@ def _pattern_targets(patterns: Any) -> list[set[Any]]:
 def skip_inapplicable_xnnpack_passes() -> Iterator[collections.Counter[str]]:
     """XNNPACK's preprocess runs 17 graph passes on every partition, each re-tracing the partition
     (~25-60 ms a pass at 125M widths, 150-300 partitions). Sixteen rewrite only ops or patterns a
-    MobileLLM graph does not have (batch norm, convolution, pooling, prelu, padding, relu/hardtanh, the
-    upsample and SDPA patterns, dtype and dim-order copies, mm/addmm/bmm, concatenations of more than
-    five, custom meta to propagate, channels-last tensors, ops on constants alone); here each is skipped on a partition that
-    holds none of what it rewrites (checked before each pass, on the graph the previous passes left).
-    The .pte is byte-identical to the stock lowering's (tests/test_target_executorch.py). Yields how
-    many partitions each pass ran on."""
+    MobileLLM graph does not have (batch norm, convolution, pooling, prelu, padding, relu/hardtanh,
+    the upsample and SDPA patterns, dtype and dim-order copies, mm/addmm/bmm, concatenations of more
+    than five, custom meta to propagate, channels-last tensors, ops on constants alone); here each is
+    skipped on a partition that holds none of what it rewrites (checked before each pass, on the
+    graph the previous passes left). The .pte is byte-identical to the stock lowering's
+    (tests/test_target_executorch.py). Yields how many partitions each pass ran on."""
     from executorch.backends.xnnpack import _passes as xp
     from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
     from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_quant
